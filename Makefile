@@ -1,0 +1,33 @@
+# One place that knows how to build the environment; README commands call these targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fngd-installed
+
+.PHONY: venv test lint demo clean
+
+venv: $(STAMP)
+
+# torch/torchvision first (the pair that works together here), then fairseq-fixed, which
+# compiles against that torch and therefore needs --no-build-isolation, then this project.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q cython wheel numpy
+	$(PIP) install -q --no-build-isolation fairseq-fixed==0.12.3.1
+	$(PIP) install -q -e '.[timm,fairseq,dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/digits_demo.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,444 @@
+"""Per-layer per-sample gradient structure (opacus-style: one small function per layer type).
+
+A sampler turns what the capture saw for one module call -- its input ``a`` and the gradient
+``delta`` of the loss with respect to its output -- into a :class:`PerSampleGrads`. That object
+answers the three questions FNGD asks of a layer, for the per-sample gradients g_1..g_n of the
+module's own parameters:
+
+* ``gram()``        K_ij = <g_i, g_j>                      (n x n)
+* ``weighted(w)``   sum_i w_i g_i, one tensor per parameter (the layer's own weight-gradient formula
+                    applied to the input and the w-scaled output gradient)
+* ``materialize()`` the per-sample gradients themselves, (n, *param.shape) per parameter (only used
+                    for parameters shared between modules, where the Gram needs cross terms)
+
+``delta`` is whatever autograd delivers, so all results carry the host's loss scaling; the
+optimizer measures and removes that scale (see ``fngd.py``). Nothing here knows about hooks,
+phases or damping. Adding a layer type = one function decorated with ``@register_sampler`` plus
+a test against brute-force per-sample gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "PerSampleGrads",
+    "register_sampler",
+    "find_sampler",
+    "unsupported_reason",
+]
+
+# A Gram route needing more than this many elements is avoided when another route fits.
+_ROUTE_MEMORY_LIMIT = 2**28
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gram and weighted gradients are accumulated in at least float32 (bf16/fp16 captures)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class PerSampleGrads:
+    """Per-sample gradients of one module's parameters, kept in factored form where possible."""
+
+    params: tuple[Tensor, ...]
+    n: int
+
+    def gram(self) -> Tensor:
+        raise NotImplementedError
+
+    def weighted(self, w: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def materialize(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
+        """Merge several calls of the same module in one forward (their gradients add up)."""
+        raise NotImplementedError
+
+
+def _factored_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
+    """Gram of g_i = sum_t D[i,t] (x) [A[i,t], 1?]: the cheaper of the token route and materialising.
+
+    A: (n, T, p), D: (n, T, q). Token route: K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js),
+    cost (nT)^2 (p+q). Materialise: g_i = D_i^T A_i by bmm, cost nTpq + n^2 pq.
+    """
+    n, T, p = A.shape
+    q = D.shape[-1]
+    if T == 1:
+        A2, D2 = A[:, 0], D[:, 0]
+        AA = A2 @ A2.T
+        if bias:
+            AA = AA + 1
+        return AA * (D2 @ D2.T)
+    token_flops = (n * T) ** 2 * (p + q)
+    mat_flops = n * T * p * q + n * n * p * q
+    token_mem = 2 * (n * T) ** 2
+    mat_mem = n * p * q
+    use_token = token_flops <= mat_flops
+    if use_token and token_mem > _ROUTE_MEMORY_LIMIT and mat_mem <= _ROUTE_MEMORY_LIMIT:
+        use_token = False
+    elif not use_token and mat_mem > _ROUTE_MEMORY_LIMIT and token_mem <= _ROUTE_MEMORY_LIMIT:
+        use_token = True
+    if use_token:
+        Af = A.reshape(n * T, p)
+        Df = D.reshape(n * T, q)
+        AA = Af @ Af.T
+        if bias:
+            AA = AA + 1
+        return (AA * (Df @ Df.T)).view(n, T, n, T).sum(dim=(1, 3))
+    G = torch.bmm(D.transpose(1, 2), A).reshape(n, q * p)
+    K = G @ G.T
+    if bias:
+        Gb = D.sum(dim=1)
+        K = K + Gb @ Gb.T
+    return K
+
+
+class FactoredGrads(PerSampleGrads):
+    """g_i = sum_t D[i,t] [A[i,t], 1]^T: Linear (on any number of token dims) and 1-group Conv2d."""
+
+    def __init__(self, A: Tensor, D: Tensor, weight: Tensor, bias: Tensor | None):
+        self.A, self.D = A, D
+        self.weight, self.bias = weight, bias
+        self.params = (weight,) if bias is None else (weight, bias)
+        self.n = A.shape[0]
+
+    def gram(self) -> Tensor:
+        return _factored_gram(self.A, self.D, self.bias is not None)
+
+    def weighted(self, w: Tensor) -> list[Tensor]:
+        q, p = self.D.shape[-1], self.A.shape[-1]
+        Dw = self.D * w.to(self.D.dtype)[:, None, None]
+        out = [(Dw.reshape(-1, q).T @ self.A.reshape(-1, p)).view(self.weight.shape)]
+        if self.bias is not None:
+            out.append(Dw.sum(dim=(0, 1)))
+        return out
+
+    def materialize(self) -> list[Tensor]:
+        out = [torch.bmm(self.D.transpose(1, 2), self.A).view(self.n, *self.weight.shape)]
+        if self.bias is not None:
+            out.append(self.D.sum(dim=1))
+        return out
+
+    @classmethod
+    def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
+        first = reps[0]
+        assert isinstance(first, FactoredGrads)
+        A = torch.cat([r.A for r in reps], dim=1)  # type: ignore[attr-defined]
+        D = torch.cat([r.D for r in reps], dim=1)  # type: ignore[attr-defined]
+        return cls(A, D, first.weight, first.bias)
+
+
+class DenseGrads(PerSampleGrads):
+    """Materialised per-sample gradients: small parameter sets (norm layers, grouped convs)."""
+
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor]):
+        self.params = tuple(params)
+        self.grads = list(grads)
+        self.n = self.grads[0].shape[0]
+
+    def gram(self) -> Tensor:
+        K = None
+        for g in self.grads:
+            f = g.reshape(self.n, -1)
+            K = f @ f.T if K is None else K + f @ f.T
+        assert K is not None
+        return K
+
+    def weighted(self, w: Tensor) -> list[Tensor]:
+        return [torch.tensordot(w.to(g.dtype), g, dims=1) for g in self.grads]
+
+    def materialize(self) -> list[Tensor]:
+        return list(self.grads)
+
+    @classmethod
+    def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
+        grads = [sum(parts) for parts in zip(*[r.grads for r in reps])]  # type: ignore[attr-defined]
+        return cls(reps[0].params, grads)
+
+
+class EmbeddingGrads(PerSampleGrads):
+    """g_i = sum_t onehot(x_it) D_it^T: rows of the table touched by sample i."""
+
+    def __init__(self, idx: Tensor, D: Tensor, weight: Tensor):
+        self.idx, self.D, self.weight = idx, D, weight
+        self.params = (weight,)
+        self.n = idx.shape[0]
+
+    def gram(self) -> Tensor:
+        n, T = self.idx.shape
+        q = self.D.shape[-1]
+        uniq, inv = torch.unique(self.idx, return_inverse=True)
+        U = uniq.numel()
+        if U * n * q <= (n * T) ** 2 * q or 2 * (n * T) ** 2 > _ROUTE_MEMORY_LIMIT:
+            # per-sample gradients restricted to the U rows this batch touches
+            G = self.D.new_zeros(n, U, q)
+            rows = torch.arange(n, device=self.idx.device).unsqueeze(1).expand(n, T)
+            G.index_put_((rows, inv), self.D, accumulate=True)
+            G = G.reshape(n, U * q)
+            return G @ G.T
+        Df = self.D.reshape(n * T, q)
+        same = (self.idx.reshape(-1, 1) == self.idx.reshape(1, -1)).to(Df.dtype)
+        return ((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3))
+
+    def weighted(self, w: Tensor) -> list[Tensor]:
+        q = self.D.shape[-1]
+        Dw = (self.D * w.to(self.D.dtype)[:, None, None]).reshape(-1, q)
+        out = self.D.new_zeros(self.weight.shape)
+        return [out.index_add_(0, self.idx.reshape(-1), Dw)]
+
+    def materialize(self) -> list[Tensor]:
+        n, T = self.idx.shape
+        out = self.D.new_zeros(n, *self.weight.shape)
+        rows = torch.arange(n, device=self.idx.device).unsqueeze(1).expand(n, T)
+        out.index_put_((rows, self.idx), self.D, accumulate=True)
+        return [out]
+
+    @classmethod
+    def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
+        idx = torch.cat([r.idx for r in reps], dim=1)  # type: ignore[attr-defined]
+        D = torch.cat([r.D for r in reps], dim=1)  # type: ignore[attr-defined]
+        return cls(idx, D, reps[0].weight)  # type: ignore[attr-defined]
+
+
+class ConvGrads(FactoredGrads):
+    """Conv2d: the unfolded factored form for the Gram; weighted sums via conv2d_weight (no unfold)."""
+
+    def __init__(self, module: nn.Conv2d, a: Tensor, delta: Tensor):
+        self.module, self.a, self.delta = module, a, delta
+        self.weight, self.bias = module.weight, module.bias
+        self.params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        self.n = a.shape[0]
+        self.others: list[ConvGrads] = []
+
+    def _calls(self) -> list[ConvGrads]:
+        return [self, *self.others]
+
+    def _padded(self) -> tuple[Tensor, Any]:
+        m = self.module
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            return F.pad(self.a, m._reversed_padding_repeated_twice, mode=mode), 0
+        return self.a, m.padding
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        m = self.module
+        a, padding = self._padded()
+        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        A = cols.transpose(1, 2)  # (n, T, C_in k k)
+        D = self.delta.flatten(2).transpose(1, 2)  # (n, T, C_out)
+        return A, D
+
+    def _grouped(self) -> list[Tensor]:
+        g = self.module.groups
+        A, D = self._factors()
+        n, T, _ = A.shape
+        Ag = A.reshape(n, T, g, -1)
+        Dg = D.reshape(n, T, g, -1)
+        out = [torch.einsum("ntgq,ntgp->ngqp", Dg, Ag).reshape(n, *self.weight.shape)]
+        if self.bias is not None:
+            out.append(D.sum(dim=1))
+        return out
+
+    def gram(self) -> Tensor:
+        if self.module.groups == 1:
+            factors = [c._factors() for c in self._calls()]
+            A = torch.cat([f[0] for f in factors], dim=1)
+            D = torch.cat([f[1] for f in factors], dim=1)
+            return _factored_gram(A, D, self.bias is not None)
+        return DenseGrads(self.params, self.materialize()).gram()
+
+    def weighted(self, w: Tensor) -> list[Tensor]:
+        m = self.module
+        gw = None
+        gb = None
+        for c in self._calls():
+            a, padding = c._padded()
+            dw = c.delta * w.to(c.delta.dtype)[:, None, None, None]
+            wgrad = torch.nn.grad.conv2d_weight(
+                a, m.weight.shape, dw, stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups
+            )
+            gw = wgrad if gw is None else gw + wgrad
+            if self.bias is not None:
+                bgrad = dw.sum(dim=(0, 2, 3))
+                gb = bgrad if gb is None else gb + bgrad
+        assert gw is not None
+        return [gw] if gb is None else [gw, gb]
+
+    def materialize(self) -> list[Tensor]:
+        if self.module.groups == 1:
+            parts = [FactoredGrads(*c._factors(), self.weight, self.bias).materialize() for c in self._calls()]
+        else:
+            parts = [c._grouped() for c in self._calls()]
+        return [sum(p) for p in zip(*parts)]  # type: ignore[misc]
+
+    @classmethod
+    def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
+        first = reps[0]
+        assert isinstance(first, ConvGrads)
+        first.others = list(reps[1:])  # type: ignore[arg-type]
+        return first
+
+
+# ----------------------------------------------------------------------------------- registry
+
+SamplerFn = Callable[[nn.Module, Tensor, Tensor, int, dict], PerSampleGrads]
+_SAMPLERS: dict[type, SamplerFn] = {}
+_CHECKS: dict[type, Callable[[nn.Module], str | None]] = {}
+
+
+def register_sampler(*types: type, check: Callable[[nn.Module], str | None] | None = None):
+    """Register ``fn(module, a, delta, batch_dim, meta) -> PerSampleGrads`` for module classes.
+
+    ``check(module)`` may return a reason why a particular configuration is not supported.
+    """
+
+    def deco(fn: SamplerFn) -> SamplerFn:
+        for t in types:
+            _SAMPLERS[t] = fn
+            if check is not None:
+                _CHECKS[t] = check
+        return fn
+
+    return deco
+
+
+def _registered_base(module: nn.Module) -> type | None:
+    cls = type(module)
+    if cls in _SAMPLERS:
+        return cls
+    # a subclass is covered only if it computes what its base computes (no forward override)
+    for base in cls.__mro__[1:]:
+        if base in _SAMPLERS:
+            return base if cls.forward is base.forward else None
+    return None
+
+
+def find_sampler(module: nn.Module) -> SamplerFn | None:
+    base = _registered_base(module)
+    return None if base is None else _SAMPLERS[base]
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why this module's parameters cannot be covered, or None if they can."""
+    base = _registered_base(module)
+    if base is None:
+        cls = type(module)
+        if any(b in _SAMPLERS for b in cls.__mro__[1:]):
+            return f"{cls.__name__} overrides forward() of a supported layer"
+        return f"no sampler for {cls.__name__}"
+    check = _CHECKS.get(base)
+    return None if check is None else check(module)
+
+
+def sampler_meta(module: nn.Module) -> dict:
+    """Facts about the module at forward time that the sampler needs later (mode may change)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+        if use_batch_stats:
+            return {"batch_stats": True}
+        return {"batch_stats": False, "mean": module.running_mean.clone(), "var": module.running_var.clone()}
+    return {}
+
+
+def _batch_first(t: Tensor, batch_dim: int) -> Tensor:
+    return t if batch_dim == 0 else t.movedim(batch_dim, 0)
+
+
+@register_sampler(nn.Linear)
+def linear_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: int, meta: dict) -> PerSampleGrads:
+    if a.dim() < 2:
+        raise ValueError(f"Linear input of shape {tuple(a.shape)} has no batch dimension")
+    dt = compute_dtype(delta.dtype)
+    a = _batch_first(a, batch_dim).to(dt)
+    delta = _batch_first(delta, batch_dim).to(dt)
+    n = a.shape[0]
+    return FactoredGrads(a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1]),
+                         module.weight, module.bias)
+
+
+@register_sampler(nn.Conv2d)
+def conv2d_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: int, meta: dict) -> PerSampleGrads:
+    if a.dim() != 4 or batch_dim != 0:
+        raise ValueError(f"Conv2d input must be batched NCHW, got shape {tuple(a.shape)}")
+    dt = compute_dtype(delta.dtype)
+    return ConvGrads(module, a.to(dt), delta.to(dt))  # type: ignore[arg-type]
+
+
+def _embedding_check(m: nn.Module) -> str | None:
+    if m.sparse:
+        return "Embedding(sparse=True) produces sparse gradients"
+    if m.scale_grad_by_freq:
+        return "Embedding(scale_grad_by_freq=True) rescales by batch frequencies"
+    return None
+
+
+@register_sampler(nn.Embedding, check=_embedding_check)
+def embedding_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: int, meta: dict) -> PerSampleGrads:
+    dt = compute_dtype(delta.dtype)
+    idx = _batch_first(a, batch_dim)
+    delta = _batch_first(delta, batch_dim).to(dt)
+    n = idx.shape[0]
+    idx = idx.reshape(n, -1)
+    D = delta.reshape(n, -1, delta.shape[-1])
+    if module.padding_idx is not None:
+        D = D.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0.0)
+    return EmbeddingGrads(idx, D, module.weight)
+
+
+def _affine_params(module: nn.Module) -> list[Tensor]:
+    return [p for p in (module.weight, module.bias) if p is not None]
+
+
+def _norm_check(m: nn.Module) -> str | None:
+    if getattr(m, "weight", None) is None and getattr(m, "bias", None) is None:
+        return "no affine parameters"
+    return None
+
+
+@register_sampler(nn.LayerNorm, check=_norm_check)
+def layernorm_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: int, meta: dict) -> PerSampleGrads:
+    dt = compute_dtype(delta.dtype)
+    shape = tuple(module.normalized_shape)
+    xhat = F.layer_norm(a.to(dt), shape, None, None, module.eps)
+    xhat = _batch_first(xhat, batch_dim)
+    delta = _batch_first(delta, batch_dim).to(dt)
+    n = xhat.shape[0]
+    xhat = xhat.reshape(n, -1, *shape)
+    delta = delta.reshape(n, -1, *shape)
+    grads = []
+    if module.weight is not None:
+        grads.append((delta * xhat).sum(dim=1))
+    if module.bias is not None:
+        grads.append(delta.sum(dim=1))
+    return DenseGrads(_affine_params(module), grads)
+
+
+@register_sampler(nn.BatchNorm2d, check=_norm_check)
+def batchnorm2d_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: int, meta: dict) -> PerSampleGrads:
+    # Per-sample gradients treat the normalised activations as given (the batch statistics couple
+    # samples; per-sample gradient libraries make the same choice).
+    if a.dim() != 4 or batch_dim != 0:
+        raise ValueError(f"BatchNorm2d input must be batched NCHW, got shape {tuple(a.shape)}")
+    dt = compute_dtype(delta.dtype)
+    a = a.to(dt)
+    if meta.get("batch_stats", True):
+        mean = a.mean(dim=(0, 2, 3))
+        var = a.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = meta["mean"].to(dt), meta["var"].to(dt)
+    xhat = (a - mean[None, :, None, None]) * torch.rsqrt(var + module.eps)[None, :, None, None]
+    delta = delta.to(dt)
+    grads = []
+    if module.weight is not None:
+        grads.append((delta * xhat).sum(dim=(2, 3)))
+    if module.bias is not None:
+        grads.append(delta.sum(dim=(2, 3)))
+    return DenseGrads(_affine_params(module), grads)
