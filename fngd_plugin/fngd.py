@@ -208,11 +208,15 @@ class FNGD(torch.optim.Optimizer):
 
     @property
     def epoch(self) -> int:
+        """The epoch the next batch belongs to (as far as FNGD can tell)."""
+        if self.steps_per_epoch is not None and self._position >= self.steps_per_epoch:
+            return self._epoch + 1
         return self._epoch
 
     @property
     def in_collect_phase(self) -> bool:
-        return self._is_collect(self._epoch)
+        """Whether the next batch solves for coefficients."""
+        return self._is_collect(self.epoch) or self.store is None or self.store.empty
 
     def stats(self) -> dict:
         """Counters as Python numbers (this syncs with the device)."""

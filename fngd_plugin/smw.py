@@ -41,7 +41,7 @@ def solve_coefficients(
     Returns ``(c, fell_back)``. ``K`` is solved in float64 whatever its dtype. If the Cholesky
     factorisation fails (a numerically singular K), it is retried with jitter; if that fails too,
     the Jacobi solution 1 / diag(K + n lambda I) is used and ``fell_back`` is true. A non-finite K
-    gives a non-finite c: the caller must not apply it.
+    gives a non-finite c (not counted as a fallback): the caller must not apply it.
     """
     n = K.shape[0]
     K64 = K.to(torch.float64)
@@ -63,4 +63,4 @@ def solve_coefficients(
         c = c / c.sum()
     elif normalize != "none":
         raise ValueError(f"normalize={normalize!r}; allowed: {NORMALIZE_MODES}")
-    return c, ~(ok | ok2)
+    return c, ~(ok | ok2) & torch.isfinite(K64).all()

@@ -75,9 +75,10 @@ class CoefficientStore:
         return not self._samples and not self._positions
 
     def __len__(self) -> int:
+        """Number of stored coefficients over all blocks (syncs with the device)."""
         if self.keying == "sample":
             return sum(int(t.filled.sum()) for t in self._samples.values())
-        return sum(len(t) for t in self._positions.values())
+        return sum(v.numel() for t in self._positions.values() for v in t.values())
 
     def put(self, block: int, c: Tensor, *, ids: Tensor | None, position: int) -> None:
         if self.keying == "sample":

@@ -1,0 +1,318 @@
+"""The torch.optim contract around FNGD: hooks, resume, AMP, bad input, non-finite values, coverage."""
+
+import copy
+import gc
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import MODELS, restore, snapshot
+from oracle import per_sample_grads
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+import fngd_plugin.smw as smw
+from fngd_plugin import FNGD
+
+
+def hook_count():
+    return len(nn_module._global_forward_hooks) + len(nn_module._global_forward_pre_hooks)
+
+
+def train(model, opt, batches, ids=None):
+    for i, (x, y) in enumerate(batches):
+        if ids is not None:
+            opt.set_sample_ids(ids[i])
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+# ------------------------------------------------------------------------------------------ hooks
+def test_hooks_go_away_with_the_optimizer():
+    gc.collect()
+    before = hook_count()
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off")
+    assert hook_count() == before + 2
+    del opt
+    gc.collect()
+    assert hook_count() == before
+
+
+def test_other_modules_and_torch_func_are_undisturbed(f64):
+    model = MODELS["cnn"]()
+    other = MODELS["cnn"]()
+    (x, y), loss_one = model.batch(5)
+    ref = per_sample_grads(model, loss_one, x, y)
+    other_grads = torch.autograd.grad(F.cross_entropy(other(x), y), list(other.parameters()))
+
+    opt = FNGD(model.parameters(), lr=0.1, reuse="position", steps_per_epoch=1)
+    train(model, opt, [(x, y)])  # collect epoch
+    restore(model, snapshot(model))
+    assert not opt.in_collect_phase
+    # torch.func on the owned model: same per-sample gradients, nothing captured
+    got = per_sample_grads(model, loss_one, x, y)
+    ref_now = {k: v for k, v in got.items()}
+    assert not opt._capture.pending
+    # an unrelated model trained beside it gets its ordinary gradients, even in the reuse phase
+    model.train()
+    _ = model(x)  # a reuse-phase forward of the owned model (output reweighting armed)
+    g2 = torch.autograd.grad(F.cross_entropy(other(x), y), list(other.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(other_grads, g2))
+    assert set(ref_now) == set(ref)
+
+
+def test_eval_and_no_grad_forwards_do_not_count():
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, steps_per_epoch=2)
+    (x, y), _ = model.batch(4)
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    model.train()
+    assert opt._position == 0 and not opt._capture.pending
+
+
+# ------------------------------------------------------------------------------------------ resume
+def make_run(reuse="position"):
+    torch.manual_seed(1)
+    model = MODELS["embed_seq"]()
+    opt = FNGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, reuse=reuse, steps_per_epoch=3,
+               collect_epochs=1, damping=0.5)
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(3):
+        x = torch.randint(1, 11, (5, 7), generator=g)
+        x[:, 5:] = 0
+        batches.append((x, torch.randint(0, 3, (5,), generator=g)))
+    ids = [torch.arange(5 * i, 5 * i + 5) for i in range(3)]
+    return model, opt, batches * 3, ids * 3
+
+
+@pytest.mark.parametrize("reuse", ["position", "sample"])
+@pytest.mark.parametrize("stop", [2, 5])  # in the collect epoch, in the reuse phase
+def test_resume_is_bitwise_identical(reuse, stop):
+    model, opt, batches, ids = make_run(reuse)
+    train(model, opt, batches, ids)
+    final = snapshot(model)
+
+    model, opt, batches, ids = make_run(reuse)
+    train(model, opt, batches[:stop], ids[:stop])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    del opt
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2, _, _ = make_run(reuse)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.epoch == (0 if stop < 3 else 1)
+    train(model2, opt2, batches[stop:], ids[stop:])
+    assert torch.equal(snapshot(model2), final)
+
+
+def test_state_dict_round_trip_keeps_store():
+    model, opt, batches, ids = make_run("sample")
+    train(model, opt, batches[:3], ids[:3])
+    sd = opt.state_dict()
+    assert sd["fngd"]["store"]["keying"] == "sample"
+    opt2 = FNGD(model.parameters(), lr=0.05, reuse="sample", steps_per_epoch=3)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    assert opt2.stats()["stored"] == 15
+    with pytest.raises(ValueError, match="keyed by"):
+        FNGD(model.parameters(), lr=0.05, reuse="position", steps_per_epoch=3).load_state_dict(copy.deepcopy(sd))
+
+
+# ------------------------------------------------------------------------------------------ AMP
+def test_autocast_bf16_follows_fp32():
+    def run(autocast):
+        torch.manual_seed(0)
+        model = MODELS["linear_ln"]()
+        opt = FNGD(model.parameters(), lr=0.5, steps_per_epoch=4)
+        (x, y), _ = model.batch(32)
+        losses = []
+        for _ in range(12):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert opt.stats()["collect_steps"] == 4
+        return losses
+
+    bf16, fp32 = run(True), run(False)
+    assert all(math.isfinite(v) for v in bf16)
+    assert bf16[-1] < bf16[0] * 0.8
+    assert abs(bf16[-1] - fp32[-1]) < 0.05 * fp32[-1]
+
+
+def test_grad_scaler_same_step_and_skipped_step_stores_nothing(f64):
+    model = MODELS["mlp"]()
+    (x, y), _ = model.batch(8)
+    p0 = snapshot(model)
+    kw = dict(lr=1.0, momentum=0.0, damping=0.3, damping_mode="absolute", normalize="none", steps_per_epoch=2)
+    opt = FNGD(model.parameters(), **kw)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    plain = snapshot(model) - p0
+
+    restore(model, p0)
+    opt = FNGD(model.parameters(), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.allclose(snapshot(model) - p0, plain, rtol=1e-10, atol=1e-14)
+
+    # an overflowing batch: GradScaler skips the step; FNGD must not store its coefficients
+    p1 = snapshot(model)
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(snapshot(model), p1)
+    assert opt.stats()["stored"] == 8  # only the first batch's coefficients
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+def test_nan_gradients_never_reach_parameters_or_store():
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="position", steps_per_epoch=3)
+    (x, y), _ = model.batch(6)
+    train(model, opt, [(x, y)])
+    p1 = snapshot(model)
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    train(model, opt, [(bad, y)])
+    assert torch.equal(snapshot(model), p1)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), bufs))
+    assert opt.stats()["skipped_steps"] == 1
+    train(model, opt, [(x, y)])  # epoch 1 starts: reuse; position 1 holds NaN coefficients -> fallback
+    train(model, opt, [(x, y)] * 2)
+    assert torch.isfinite(snapshot(model)).all()
+    assert opt.stats()["store_misses"] >= 6
+
+
+def test_failed_cholesky_falls_back_and_is_reported(monkeypatch):
+    K = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # indefinite: no Cholesky even with jitter
+    c, fell_back = smw.solve_coefficients(K, 0.1, "absolute")
+    assert bool(fell_back) and torch.allclose(c, torch.full((2,), 1 / 1.2, dtype=torch.float64))
+
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (real(A)[0], torch.ones((), dtype=torch.int32)))
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off")
+    (x, y), _ = model.batch(6)
+    train(model, opt, [(x, y)] * 2)
+    assert opt.stats()["solve_fallbacks"] == 2
+    assert torch.isfinite(snapshot(model)).all()
+    with pytest.warns(RuntimeWarning, match="fell back"):
+        opt.set_epoch(1)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(damping=0.0), "damping=0.0 must be > 0"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(damping_mode="rel"), "damping_mode='rel' is not supported; allowed: 'relative', 'absolute'"),
+        (dict(coefficients="block"), "allowed: 'network', 'layer'"),
+        (dict(reuse="id"), "allowed: 'position', 'sample', 'off'"),
+        (dict(normalize="mean"), "normalize='mean'"),
+        (dict(collect_epochs=0), "collect_epochs=0"),
+        (dict(steps_per_epoch=0), "steps_per_epoch=0"),
+        (dict(momentum=1.0), "momentum=1.0 must be < 1"),
+        (dict(nesterov=True, momentum=0.0), "nesterov"),
+        (dict(max_update_norm=-1.0), "max_update_norm"),
+    ],
+)
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        FNGD(MODELS["mlp"]().parameters(), **{"lr": 0.1, **kw})
+
+
+def test_bad_types_and_missing_schedule():
+    with pytest.raises(TypeError, match="steps_per_epoch=2.5 must be an integer"):
+        FNGD(MODELS["mlp"]().parameters(), lr=0.1, steps_per_epoch=2.5)
+    model = MODELS["mlp"]()
+    (x, y), _ = model.batch(4)
+    opt = FNGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        model(x)
+    del opt
+    gc.collect()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="sample")
+    with pytest.raises(ValueError, match="set_sample_ids"):
+        model(x)
+    with pytest.raises(TypeError, match="1-D integer"):
+        opt.set_sample_ids(torch.rand(4))
+    with pytest.raises(ValueError, match=">= 0"):
+        opt.set_sample_ids([-1, 2])
+
+
+def test_time_first_layout_mismatch_is_named():
+    class TimeFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):  # x: (B, T, C) -> inner runs time-first
+            h = self.inner(x.transpose(0, 1)).transpose(0, 1)
+            return self.head(h.mean(1))
+
+    model = TimeFirst()
+    x, y = torch.randn(4, 6, 3), torch.randint(0, 2, (4,))
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="set_batch_dim"):
+        opt.step()
+    opt.set_batch_dim(model.inner, 1)
+    train(model, opt, [(x, y)])
+    assert torch.isfinite(snapshot(model)).all()
+
+
+# ------------------------------------------------------------------------------------------ coverage
+def test_coverage_report_and_uncovered_update(f64, caplog):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1]) * self.scale
+
+    model = Mixed()
+    with caplog.at_level("INFO", logger="fngd_plugin"):
+        opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, reuse="off", normalize="none", damping=0.3,
+                   damping_mode="absolute")
+    line = opt.coverage["line"]
+    assert line in caplog.text
+    assert "2/7 parameter tensors covered (Linear 2)" in line
+    assert "GRU 4 (no sampler for GRU)" in line and "Mixed 1" in line
+    x, y = torch.randn(6, 5, 3), torch.randint(0, 2, (6,))
+    # uncovered parameters: host gradient times sum_i c_i, with c from the covered Gram
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    host = {n: p.grad.clone() for n, p in model.named_parameters()}
+    h = model.rnn(x)[0][:, -1].detach() * model.scale.detach()
+    a = torch.cat([h, torch.ones(6, 1)], 1)
+    delta = (torch.softmax(model.head(h), 1) - F.one_hot(y, 2)) / 6  # mean-loss output gradient
+    K = (a @ a.T) * (delta @ delta.T) * 36  # true units: g_i = n * raw
+    c = torch.linalg.solve(K + 6 * 0.3 * torch.eye(6), torch.ones(6))
+    opt.step()
+    assert torch.allclose(model.rnn.weight_hh_l0.grad, host["rnn.weight_hh_l0"] * c.sum())
+    assert torch.allclose(model.scale.grad, host["scale"] * c.sum())

@@ -1,0 +1,195 @@
+"""Each layer's sampler against brute-force per-sample gradients (torch.func or per-sample autograd)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import restore, snapshot
+from oracle import flat, ngd_direction, per_sample_grads
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fngd_plugin import FNGD
+from fngd_plugin import samplers as S
+
+
+def layer_case(layer, a, batch_dim=0):
+    """(rep, U): the sampler's answer and torch.func's per-sample gradients for l_i = <R_i, out_i>."""
+    out = layer(a)
+    R = torch.randn_like(out)
+    delta = torch.autograd.grad((out * R).sum(), out)[0]  # exact output gradient of sum_i l_i
+    rep = S.find_sampler(layer)(layer, a.detach(), delta, batch_dim, S.sampler_meta(layer))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss_one(p, ai, ri):
+        return (functional_call(layer, p, (ai.unsqueeze(batch_dim),)) * ri.unsqueeze(batch_dim)).sum()
+
+    gs = vmap(grad(loss_one), in_dims=(None, batch_dim, batch_dim))(params, a, R)
+    names = [k for k, p in layer.named_parameters()]
+    return rep, flat(gs, names), names
+
+
+def check_rep(rep, U, names, layer):
+    n = U.shape[0]
+    K = rep.gram()
+    assert torch.allclose(K, U @ U.T, rtol=1e-10, atol=1e-12)
+    w = torch.randn(n)
+    got = torch.cat([g.reshape(-1) for g in rep.weighted(w)])
+    assert torch.allclose(got, U.T @ w, rtol=1e-10, atol=1e-12)
+    mat = torch.cat([g.reshape(n, -1) for g in rep.materialize()], dim=1)
+    assert torch.allclose(mat, U, rtol=1e-10, atol=1e-12)
+    assert [id(p) for p in rep.params] == [id(dict(layer.named_parameters())[k]) for k in names]
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (7, 3, 5), (7, 2, 3, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(f64, shape, bias):
+    layer = nn.Linear(5, 4, bias=bias)
+    check_rep(*layer_case(layer, torch.randn(*shape)), layer)
+
+
+def test_linear_token_route_and_time_first(f64):
+    # T=2 with wide layers: the token route is the cheaper one; batch at dim 1 (fairseq's layout)
+    layer = nn.Linear(32, 32)
+    A = torch.randn(9, 2, 32)
+    D = torch.randn(9, 2, 32)
+    assert (9 * 2) ** 2 * 64 <= 9 * 2 * 32 * 32 + 81 * 32 * 32
+    tok = S._factored_gram(A, D, True)
+    G = torch.cat([torch.einsum("ntq,ntp->nqp", D, A).reshape(9, -1), D.sum(1)], dim=1)
+    assert torch.allclose(tok, G @ G.T)
+    check_rep(*layer_case(layer, torch.randn(3, 6, 32), batch_dim=1), layer)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(stride=2, padding=1),
+        dict(padding=2, dilation=2, bias=False),
+        dict(padding="same"),
+        dict(padding=1, padding_mode="reflect"),
+        dict(groups=2, padding=1),
+        dict(stride=(2, 1), padding=(0, 1), groups=4),
+    ],
+)
+def test_conv2d(f64, kw):
+    layer = nn.Conv2d(4, 8, 3, **kw)
+    check_rep(*layer_case(layer, torch.randn(5, 4, 7, 6)), layer)
+
+
+def test_conv2d_channels_last(f64):
+    layer = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    a = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
+    check_rep(*layer_case(layer, a), layer)
+
+
+@pytest.mark.parametrize("vocab,T", [(50, 4), (6, 9)])  # many distinct tokens / few (both Gram routes)
+def test_embedding_with_padding(f64, vocab, T):
+    layer = nn.Embedding(vocab, 3, padding_idx=1)
+    x = torch.randint(0, vocab, (6, T))
+    x[:, -1] = 1
+    rep, U, names = layer_case(layer, x)
+    assert torch.all(rep.materialize()[0][:, 1] == 0)  # the padding row never gets a gradient
+    check_rep(rep, U, names, layer)
+    # the other route gives the same Gram
+    idx, D = rep.idx, rep.D
+    same = (idx.reshape(-1, 1) == idx.reshape(1, -1)).double()
+    n = idx.shape[0]
+    tok = ((D.reshape(-1, 3) @ D.reshape(-1, 3).T) * same).view(n, T, n, T).sum((1, 3))
+    assert torch.allclose(tok, rep.gram())
+
+
+@pytest.mark.parametrize("shape,norm", [((5, 6), (6,)), ((5, 3, 6), (6,)), ((5, 2, 3, 4), (3, 4))])
+def test_layernorm(f64, shape, norm):
+    layer = nn.LayerNorm(norm)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    check_rep(*layer_case(layer, torch.randn(*shape)), layer)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm2d_per_sample_autograd(f64, training):
+    """Per-sample gradients of gamma/beta by autograd of each l_i through the real batched forward."""
+    layer = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2)
+    layer.train(training)
+    a = torch.randn(6, 3, 4, 5)
+    out = layer(a)
+    R = torch.randn_like(out)
+    delta = torch.autograd.grad((out * R).sum(), out, retain_graph=True)[0]
+    rep = S.find_sampler(layer)(layer, a, delta, 0, S.sampler_meta(layer))
+    rows = []
+    for i in range(6):
+        gw, gb = torch.autograd.grad((out[i] * R[i]).sum(), (layer.weight, layer.bias), retain_graph=True)
+        rows.append(torch.cat([gw, gb]))
+    U = torch.stack(rows)
+    check_rep(rep, U, ["weight", "bias"], layer)
+
+
+def test_subclass_with_own_forward_is_not_covered():
+    class PaddedConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+    class PlainSub(nn.Linear):
+        pass
+
+    assert S.find_sampler(PaddedConv(2, 2, 3)) is None
+    assert "overrides forward" in S.unsupported_reason(PaddedConv(2, 2, 3))
+    assert S.find_sampler(PlainSub(2, 2)) is S.find_sampler(nn.Linear(2, 2))
+    assert "sparse" in S.unsupported_reason(nn.Embedding(5, 2, sparse=True))
+
+
+class Shared(nn.Module):
+    """One Linear applied twice, and an output projection tied to the input embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.mix = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 9, bias=False)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(self.emb(x)))
+        h = torch.tanh(self.mix(h)).mean(1)
+        return self.proj(h)
+
+
+@pytest.mark.parametrize("coefficients", ["network", "layer"])
+def test_repeated_module_and_tied_weights_exact(f64, coefficients):
+    model = Shared()
+    x = torch.randint(0, 9, (7, 5))
+    y = torch.randint(0, 9, (7,))
+    gs = per_sample_grads(model, F.cross_entropy, x, y)
+    names = [k for k, _ in model.named_parameters()]  # emb.weight (tied), mix.weight, mix.bias
+    if coefficients == "network":
+        expected = ngd_direction(flat(gs, names), 0.2)
+    else:
+        parts = {tuple(b): ngd_direction(flat(gs, b), 0.2) for b in (["emb.weight"], ["mix.weight", "mix.bias"])}
+        expected = torch.cat([parts[("emb.weight",)], parts[("mix.weight", "mix.bias")]])
+    opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, damping=0.2, damping_mode="absolute", normalize="none",
+               reuse="off", coefficients=coefficients)
+    before = snapshot(model)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    step = before - snapshot(model)
+    assert float((step - expected).norm() / expected.norm()) < 1e-8
+    assert opt.stats()["tied_approximations"] == 0
+    restore(model, before)
+
+
+def test_tied_weights_over_the_limit_are_approximated_and_reported(f64):
+    model = Shared()
+    x = torch.randint(0, 9, (7, 5))
+    y = torch.randint(0, 9, (7,))
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off", dense_tied_limit=10)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="cross terms are dropped"):
+        opt.step()
+    assert opt.stats()["tied_approximations"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
