@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .capture import MicroBatch, ModuleCapture
 from .samplers import PerSampleGrads, find_sampler, unsupported_reason
-from .smw import DAMPING_MODES, NORMALIZE_MODES, solve_coefficients
+from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
 from .store import CoefficientStore
 from .update import momentum_step
 
@@ -163,7 +163,8 @@ class FNGD(torch.optim.Optimizer):
         self._seen_ids = torch.zeros(0, dtype=torch.bool)
         # device-side counters; read (synced) only at epoch ends and in stats()
         self._counters = {k: torch.zeros((), dtype=torch.float64) for k in
-                          ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "tied_approx")}
+                          ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
+                           "tied_approx")}
         self._counters["nc_min"].fill_(math.inf)
         self._counters["nc_max"].fill_(-math.inf)
         self._checked_capture = False
@@ -233,6 +234,7 @@ class FNGD(torch.optim.Optimizer):
             "coef_scale_mean": c["nc_sum"] / steps,
             "coef_scale_min": c["nc_min"],
             "coef_scale_max": c["nc_max"],
+            "coef_spread_mean": c["spread_sum"] / steps,
             "stored": 0 if self.store is None else len(self.store),
             "store_misses": 0 if self.store is None else int(self.store.misses),
             "root_mismatches": self._capture.root_mismatch,
@@ -310,8 +312,9 @@ class FNGD(torch.optim.Optimizer):
         s = self.stats()
         logger.info(
             "FNGD: collect epoch %d done: %d solves, coefficient scale n*c mean %.3g (min %.3g, max %.3g), "
-            "%d solve fallbacks, %d skipped steps, %d coefficients stored",
+            "spread std(c)/mean(c) %.3g, %d solve fallbacks, %d skipped steps, %d coefficients stored",
             epoch, s["collect_steps"], s["coef_scale_mean"], s["coef_scale_min"], s["coef_scale_max"],
+            s["coef_spread_mean"],
             s["solve_fallbacks"], s["skipped_steps"], s["stored"],
         )
         if s["solve_fallbacks"]:
@@ -599,15 +602,19 @@ class FNGD(torch.optim.Optimizer):
         coefs = {}
         for k, K in grams.items():
             K = K.to(torch.float64) * unit
-            c, fell_back = solve_coefficients(K, self.damping, self.damping_mode, self.normalize)
-            coefs[k] = c
+            c, fell_back = solve_coefficients(K, self.damping, self.damping_mode)
             self._add("fallbacks", fell_back.to(torch.float64))
+            # statistics of the solved scale: n * mean(c) is 1/lambda-like (large = weak damping);
+            # the spread std(c)/mean(c) is how far the weighting is from plain averaging
             nc = n * c.mean()
             finite = torch.isfinite(nc)
             self._add("nc_sum", torch.where(finite, nc, 0.0) / len(grams))
+            self._add("spread_sum", torch.where(finite, c.std() / c.mean(), 0.0) / len(grams))
             lo, hi = self._counters["nc_min"].to(device), self._counters["nc_max"].to(device)
             self._counters["nc_min"] = torch.where(finite, torch.minimum(lo, nc), lo)
             self._counters["nc_max"] = torch.where(finite, torch.maximum(hi, nc), hi)
+            c = normalize_coefficients(c, self.normalize)
+            coefs[k] = c
             if self.store is not None:  # non-finite coefficients are masked inside the store
                 self.store.put(k, c, ids=mb.ids, position=mb.position)
         self._add("collect_steps", torch.ones((), dtype=torch.float64))

@@ -33,9 +33,7 @@ def damping_shift(K: Tensor, damping: float, damping_mode: str) -> Tensor:
     raise ValueError(f"damping_mode={damping_mode!r}; allowed: {DAMPING_MODES}")
 
 
-def solve_coefficients(
-    K: Tensor, damping: float, damping_mode: str = "relative", normalize: str = "none"
-) -> tuple[Tensor, Tensor]:
+def solve_coefficients(K: Tensor, damping: float, damping_mode: str = "relative") -> tuple[Tensor, Tensor]:
     """c = (K + n lambda I)^-1 1 by Cholesky, without a host sync.
 
     Returns ``(c, fell_back)``. ``K`` is solved in float64 whatever its dtype. If the Cholesky
@@ -59,8 +57,14 @@ def solve_coefficients(
     ok2 = (info2 == 0) & torch.isfinite(c2).all()
     jacobi = 1.0 / A.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
     c = torch.where(ok, c, torch.where(ok2, c2, jacobi))
-    if normalize == "sum":
-        c = c / c.sum()
-    elif normalize != "none":
-        raise ValueError(f"normalize={normalize!r}; allowed: {NORMALIZE_MODES}")
     return c, ~(ok | ok2) & torch.isfinite(K64).all()
+
+
+def normalize_coefficients(c: Tensor, normalize: str) -> Tensor:
+    """"none": c as solved (the exact NGD step). "sum": c / sum(c), NGD's relative weighting of the
+    samples at the scale of the plain mean (sum(c) = 1^T (K + n lambda I)^-1 1 > 0)."""
+    if normalize == "sum":
+        return c / c.sum()
+    if normalize != "none":
+        raise ValueError(f"normalize={normalize!r}; allowed: {NORMALIZE_MODES}")
+    return c
