@@ -30,22 +30,18 @@ everything else, because the weighting is applied at the model output.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
-import warnings
-from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .capture import MicroBatch, ModuleCapture
-from .samplers import PerSampleGrads, find_sampler, unsupported_reason
+from .base import CaptureOptimizer, check_choice, check_number
+from .capture import MicroBatch
+from .samplers import PerSampleGrads, unsupported_reason
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
 from .store import CoefficientStore
-from .update import momentum_step
 
 logger = logging.getLogger("fngd_plugin")
 
@@ -54,24 +50,7 @@ REUSE_MODES = ("position", "sample", "off")
 NETWORK_BLOCK = -1
 
 
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
-
-
-def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
-                  optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise TypeError(f"{name}={value!r} must be {kind}")
-    bad = value <= minimum if strict else value < minimum
-    if bad or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{name}={value!r} must be {'>' if strict else '>='} {minimum}")
-
-
-class FNGD(torch.optim.Optimizer):
+class FNGD(CaptureOptimizer):
     """Fast Natural Gradient Descent.
 
     Args:
@@ -101,6 +80,9 @@ class FNGD(torch.optim.Optimizer):
             (reported once).
     """
 
+    counter_names = ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
+                     "tied_approx")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
@@ -119,22 +101,22 @@ class FNGD(torch.optim.Optimizer):
         refresh_every: int | None = None,
         dense_tied_limit: int = 2**26,
     ):
-        _check_number("lr", lr, minimum=0.0)
-        _check_number("momentum", momentum, minimum=0.0)
+        check_number("lr", lr, minimum=0.0)
+        check_number("momentum", momentum, minimum=0.0)
         if momentum >= 1:
             raise ValueError(f"momentum={momentum!r} must be < 1")
-        _check_number("weight_decay", weight_decay, minimum=0.0)
+        check_number("weight_decay", weight_decay, minimum=0.0)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        _check_number("damping", damping, minimum=0.0, strict=True)
-        _check_choice("damping_mode", damping_mode, DAMPING_MODES)
-        _check_choice("coefficients", coefficients, COEFFICIENT_MODES)
-        _check_choice("reuse", reuse, REUSE_MODES)
-        _check_choice("normalize", normalize, NORMALIZE_MODES)
-        _check_number("collect_epochs", collect_epochs, minimum=1, integer=True)
-        _check_number("steps_per_epoch", steps_per_epoch, minimum=1, integer=True, optional=True)
-        _check_number("max_update_norm", max_update_norm, minimum=0.0, strict=True, optional=True)
-        _check_number("refresh_every", refresh_every, minimum=1, integer=True, optional=True)
+        check_number("damping", damping, minimum=0.0, strict=True)
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("coefficients", coefficients, COEFFICIENT_MODES)
+        check_choice("reuse", reuse, REUSE_MODES)
+        check_choice("normalize", normalize, NORMALIZE_MODES)
+        check_number("collect_epochs", collect_epochs, minimum=1, integer=True)
+        check_number("steps_per_epoch", steps_per_epoch, minimum=1, integer=True, optional=True)
+        check_number("max_update_norm", max_update_norm, minimum=0.0, strict=True, optional=True)
+        check_number("refresh_every", refresh_every, minimum=1, integer=True, optional=True)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
 
@@ -149,10 +131,6 @@ class FNGD(torch.optim.Optimizer):
         self.refresh_every = refresh_every
         self.dense_tied_limit = dense_tied_limit
 
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._index = {id(p): i for i, p in enumerate(self._params)}
-        self._coverable_cache: dict[int, bool] = {}
-        self._capture = ModuleCapture(self._params, self._start_batch, self._coverable)
         self.store = CoefficientStore(reuse) if reuse != "off" else None
 
         # schedule
@@ -161,16 +139,8 @@ class FNGD(torch.optim.Optimizer):
         self._epoch_signalled = False
         self._next_ids: Tensor | None = None
         self._seen_ids = torch.zeros(0, dtype=torch.bool)
-        # device-side counters; read (synced) only at epoch ends and in stats()
-        self._counters = {k: torch.zeros((), dtype=torch.float64) for k in
-                          ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
-                           "tied_approx")}
         self._counters["nc_min"].fill_(math.inf)
         self._counters["nc_max"].fill_(-math.inf)
-        self._checked_capture = False
-        self._warned: set[str] = set()
-        self.coverage = self._coverage_report()
-        logger.info(self.coverage["line"])
 
     # ------------------------------------------------------------------ public helpers
     def set_sample_ids(self, ids: Tensor | Iterable[int]) -> None:
@@ -184,7 +154,7 @@ class FNGD(torch.optim.Optimizer):
 
     def set_epoch(self, epoch: int) -> None:
         """Tell FNGD a new epoch starts (0-based index). Resets the batch position to 0."""
-        _check_number("epoch", epoch, minimum=0, integer=True)
+        check_number("epoch", epoch, minimum=0, integer=True)
         if self.steps_per_epoch is not None and self._epoch_signalled and epoch == self._epoch + 1 \
                 and self._position != self.steps_per_epoch:
             self._warn_once("epoch_length", f"FNGD: epoch {self._epoch} had {self._position} batches but "
@@ -195,17 +165,6 @@ class FNGD(torch.optim.Optimizer):
         self._position = 0
         self._epoch_signalled = True
         self._seen_ids.zero_()
-
-    def set_batch_dim(self, module: nn.Module, dim: int) -> None:
-        """Declare that ``module``'s inputs and outputs carry the sample dimension at ``dim``."""
-        for m in module.modules():
-            self._capture.batch_dims[m] = dim
-
-    def attach(self, model: nn.Module) -> dict:
-        """Optional: recompute the coverage report with the model's module names."""
-        self.coverage = self._coverage_report(model)
-        logger.info(self.coverage["line"])
-        return self.coverage
 
     @property
     def epoch(self) -> int:
@@ -240,11 +199,6 @@ class FNGD(torch.optim.Optimizer):
             "root_mismatches": self._capture.root_mismatch,
         }
 
-    # ------------------------------------------------------------------ torch.optim contract
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._capture.clear()
-        super().zero_grad(set_to_none=set_to_none)
-
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -254,20 +208,7 @@ class FNGD(torch.optim.Optimizer):
         batches = [mb for mb in self._capture.take() if mb.capture]
         if batches:
             self._precondition(batches)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            bufs = []
-            for p in params:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
-            ok = momentum_step(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
-                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                               max_update_norm=self.max_update_norm)
-            self._add("skipped", (~ok).to(torch.float64))
+        self._update(self.max_update_norm)
         return loss
 
     def state_dict(self) -> dict:
@@ -346,6 +287,9 @@ class FNGD(torch.optim.Optimizer):
                 self._seen_ids.zero_()
                 self._seen_ids[ids.cpu()] = True
 
+    def _unsupported(self, module: nn.Module) -> str | None:
+        return unsupported_reason(module)
+
     def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch:
         ids, self._next_ids = self._next_ids, None
         if self.reuse == "sample" and ids is None:
@@ -375,106 +319,6 @@ class FNGD(torch.optim.Optimizer):
             return torch.ones(n, dtype=torch.float64, device=device)
         return (n * c).to(self._params[0].dtype)
 
-    # ------------------------------------------------------------------ coverage
-    def _coverable(self, module: nn.Module) -> bool:
-        key = id(module)
-        hit = self._coverable_cache.get(key)
-        if hit is None:
-            hit = self._cover_reason(module) is None
-            self._coverable_cache[key] = hit
-        return hit
-
-    def _cover_reason(self, module: nn.Module) -> str | None:
-        reason = unsupported_reason(module)
-        if reason is None:
-            foreign = [k for k, p in module._parameters.items()
-                       if p is not None and p.requires_grad and id(p) not in self._index]
-            if foreign:
-                reason = f"parameters {foreign} are not in this optimizer"
-        return reason
-
-    def _coverage_report(self, model: nn.Module | None = None) -> dict:
-        if model is not None:
-            modules = list(model.modules())
-        else:
-            # hosts give parameters only: find their owners among live modules
-            modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module) and o._parameters]
-        owners: dict[int, list[nn.Module]] = {}
-        for m in modules:
-            for p in m._parameters.values():
-                if p is not None and id(p) in self._index:
-                    owners.setdefault(id(p), []).append(m)
-        covered: Counter[str] = Counter()
-        uncovered: Counter[str] = Counter()
-        reasons: dict[str, str] = {}
-        for p in self._params:
-            ms = owners.get(id(p), [])
-            ok = [m for m in ms if self._coverable(m)]
-            if ok:
-                covered[type(ok[0]).__name__] += 1
-            else:
-                name = type(ms[0]).__name__ if ms else "<no module>"
-                uncovered[name] += 1
-                reasons[name] = self._cover_reason(ms[0]) if ms else "owned by no module (e.g. flattened copy)"
-        total = len(self._params)
-        n_cov = sum(covered.values())
-        cov = ", ".join(f"{k} {v}" for k, v in sorted(covered.items()))
-        unc = "; ".join(f"{k} {v} ({reasons[k]})" for k, v in sorted(uncovered.items())) or "none"
-        line = f"FNGD coverage: {n_cov}/{total} parameter tensors covered ({cov or 'none'}); uncovered: {unc}"
-        return {"covered": dict(covered), "uncovered": dict(uncovered), "reasons": reasons, "line": line}
-
-    # ------------------------------------------------------------------ the FNGD direction
-    def _add(self, key: str, value: Tensor) -> None:
-        c = self._counters[key]
-        self._counters[key] = c.to(value.device) + value.to(torch.float64)
-
-    def _warn_once(self, key: str, msg: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-    def _reps(self, mb: MicroBatch) -> dict[nn.Module, PerSampleGrads]:
-        reps: dict[nn.Module, PerSampleGrads] = {}
-        for module, calls in mb.calls.items():
-            if not self._coverable(module):
-                continue
-            calls = [c for c in calls if c.delta is not None]
-            if not calls:
-                continue
-            fn = find_sampler(module)
-            assert fn is not None
-            bd = self._capture.batch_dims.get(module, 0)
-            try:
-                parts = [fn(module, c.a, c.delta, bd, c.meta) for c in calls]
-            except Exception as e:  # name the module; the host's traceback alone would not
-                raise TypeError(f"FNGD: per-sample gradients of {type(module).__name__} failed: {e}") from e
-            reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
-        sizes = {r.n for r in reps.values()}
-        if len(sizes) > 1:
-            detail = ", ".join(f"{type(m).__name__}: {r.n}" for m, r in reps.items())
-            raise ValueError(f"FNGD: modules disagree on the number of samples ({detail}); declare the sample "
-                             "dimension of time-first modules with opt.set_batch_dim(module, dim)")
-        return reps
-
-    def _blocks(self, reps: dict[nn.Module, PerSampleGrads]) -> dict[int, list[PerSampleGrads]]:
-        """Modules sharing a parameter form one block, keyed by its first parameter's index."""
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                x = parent[x]
-            return x
-
-        for r in reps.values():
-            ids = [self._index[id(p)] for p in r.params]
-            for i in ids[1:]:
-                parent[find(i)] = find(ids[0])
-        blocks: dict[int, list[PerSampleGrads]] = {}
-        for r in reps.values():
-            root = find(self._index[id(r.params[0])])
-            blocks.setdefault(root, []).append(r)
-        return {min(self._index[id(p)] for r in rs for p in r.params): rs for rs in blocks.values()}
-
     def _block_gram(self, reps: list[PerSampleGrads]) -> Tensor:
         if len(reps) == 1:
             return reps[0].gram()
@@ -492,69 +336,6 @@ class FNGD(torch.optim.Optimizer):
                 acc[id(p)] = acc[id(p)] + g if id(p) in acc else g
         G = torch.cat(list(acc.values()), dim=1)
         return G @ G.T
-
-    @staticmethod
-    def _block_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Tensor, Tensor]]) -> None:
-        for r in reps:
-            for p, g in zip(r.params, r.weighted(w)):
-                if id(p) in out:
-                    out[id(p)] = (p, out[id(p)][1] + g)
-                else:
-                    out[id(p)] = (p, g)
-
-    def _measure_scale(self, per_mb: list[dict[int, list[PerSampleGrads]]]) -> Tensor:
-        """kappa: the host gradient equals kappa * (sum of what the hooks saw), measured on one small block."""
-        common = set(per_mb[0])
-        for blocks in per_mb[1:]:
-            common &= set(blocks)
-        candidates = [k for k in common if all(p.grad is not None for r in per_mb[0][k] for p in r.params)]
-        if not candidates:
-            raise RuntimeError("FNGD: no covered module received a gradient in every micro-batch")
-        key = min(candidates, key=lambda k: sum(p.numel() for r in per_mb[0][k] for p in r.params))
-        seen: dict[int, tuple[Tensor, Tensor]] = {}
-        for blocks in per_mb:
-            reps = blocks[key]
-            self._block_weighted(reps, torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps)), seen)
-        seen_t = [g for _, g in seen.values()]
-        self._all_reduce_mean(seen_t)
-        num = sum((p.grad.to(g.dtype) * g).sum() for (p, _), g in zip(seen.values(), seen_t))
-        den = sum((g * g).sum() for g in seen_t)
-        kappa = torch.where(den > 0, num / den, torch.ones_like(den))  # type: ignore[arg-type]
-        return kappa.to(torch.float64)
-
-    @staticmethod
-    def _device(reps: list[PerSampleGrads]) -> torch.device:
-        return reps[0].params[0].device
-
-    def _all_reduce_mean(self, tensors: list[Tensor]) -> None:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        world = dist.get_world_size()
-        for t in tensors:
-            dist.all_reduce(t)
-            t.div_(world)
-
-    def _check_capture(self, per_mb: list[dict[int, list[PerSampleGrads]]], kappa: Tensor) -> None:
-        """Once: does every covered host gradient equal what the hooks saw? (catches uses outside forward)."""
-        self._checked_capture = True
-        seen: dict[int, tuple[Tensor, Tensor]] = {}
-        for blocks in per_mb:
-            for reps in blocks.values():
-                w = torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps))
-                self._block_weighted(reps, w, seen)
-        self._all_reduce_mean([g for _, g in seen.values()])
-        bad = []
-        for p, g in seen.values():
-            if p.grad is None:
-                continue
-            ref = p.grad.to(torch.float64)
-            err = float((ref - kappa * g.to(torch.float64)).norm() / ref.norm().clamp_min(1e-30))
-            if err > 1e-2 and float(ref.norm()) > 0:
-                bad.append(f"{tuple(p.shape)}: rel. error {err:.2g}")
-        if bad:
-            self._warn_once("capture", "FNGD: the host gradient of some covered parameters differs from what the "
-                            "module hooks saw (a parameter used outside its module's forward?): " + "; ".join(bad[:5]))
 
     def _precondition(self, batches: list[MicroBatch]) -> None:
         per_mb = [self._blocks(self._reps(mb)) for mb in batches]

@@ -1,0 +1,270 @@
+"""What FNGD and KFAC share: the capture of owning modules, coverage, scale measurement, the update.
+
+Both optimizers are built from parameters only, find their modules through :class:`ModuleCapture`,
+turn captured (input, output-gradient) pairs into per-layer :class:`PerSampleGrads`, measure the
+host's gradient scale from them (so loss scaling and reduction conventions do not matter), and
+finish with the same sync-free momentum SGD step.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import warnings
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import MicroBatch, ModuleCapture
+from .samplers import PerSampleGrads, find_sampler
+from .update import momentum_step
+
+logger = logging.getLogger("fngd_plugin")
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
+                  optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{name}={value!r} must be {kind}")
+    bad = value <= minimum if strict else value < minimum
+    if bad or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{name}={value!r} must be {'>' if strict else '>='} {minimum}")
+
+
+
+
+class CaptureOptimizer(torch.optim.Optimizer):
+    """Base class: an optimizer whose modules are found and observed through :class:`ModuleCapture`.
+
+    Subclasses implement ``_start_batch(root, args) -> MicroBatch`` (what to capture for the next
+    forward), ``_unsupported(module) -> reason | None`` (which owners they cover) and ``step``.
+    """
+
+    counter_names: tuple[str, ...] = ("skipped",)
+
+    def __init__(self, params: Any, defaults: dict):
+        super().__init__(params, defaults)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._coverable_cache: dict[int, bool] = {}
+        self._capture = ModuleCapture(self._params, self._start_batch, self._coverable)
+        # device-side counters; read (synced) only in stats() and at epoch ends
+        self._counters = {k: torch.zeros((), dtype=torch.float64) for k in self.counter_names}
+        self._checked_capture = False
+        self._warned: set[str] = set()
+        self.coverage = self._coverage_report()
+        logger.info(self.coverage["line"])
+
+    def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch | None:
+        raise NotImplementedError
+
+    def _unsupported(self, module: nn.Module) -> str | None:
+        raise NotImplementedError
+
+    def set_batch_dim(self, module: nn.Module, dim: int) -> None:
+        """Declare that ``module``'s inputs and outputs carry the sample dimension at ``dim``."""
+        for m in module.modules():
+            self._capture.batch_dims[m] = dim
+
+    def attach(self, model: nn.Module) -> dict:
+        """Optional: recompute the coverage report with the model's module names."""
+        self.coverage = self._coverage_report(model)
+        logger.info(self.coverage["line"])
+        return self.coverage
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._capture.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ coverage
+    def _coverable(self, module: nn.Module) -> bool:
+        key = id(module)
+        hit = self._coverable_cache.get(key)
+        if hit is None:
+            hit = self._cover_reason(module) is None
+            self._coverable_cache[key] = hit
+        return hit
+
+    def _cover_reason(self, module: nn.Module) -> str | None:
+        reason = self._unsupported(module)
+        if reason is None:
+            foreign = [k for k, p in module._parameters.items()
+                       if p is not None and p.requires_grad and id(p) not in self._index]
+            if foreign:
+                reason = f"parameters {foreign} are not in this optimizer"
+        return reason
+
+    def _coverage_report(self, model: nn.Module | None = None) -> dict:
+        if model is not None:
+            modules = list(model.modules())
+        else:
+            # hosts give parameters only: find their owners among live modules
+            modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module) and o._parameters]
+        owners: dict[int, list[nn.Module]] = {}
+        for m in modules:
+            for p in m._parameters.values():
+                if p is not None and id(p) in self._index:
+                    owners.setdefault(id(p), []).append(m)
+        covered: Counter[str] = Counter()
+        uncovered: Counter[str] = Counter()
+        reasons: dict[str, str] = {}
+        for p in self._params:
+            ms = owners.get(id(p), [])
+            ok = [m for m in ms if self._coverable(m)]
+            if ok:
+                covered[type(ok[0]).__name__] += 1
+            else:
+                name = type(ms[0]).__name__ if ms else "<no module>"
+                uncovered[name] += 1
+                reasons[name] = self._cover_reason(ms[0]) if ms else "owned by no module (e.g. flattened copy)"
+        total = len(self._params)
+        n_cov = sum(covered.values())
+        cov = ", ".join(f"{k} {v}" for k, v in sorted(covered.items()))
+        unc = "; ".join(f"{k} {v} ({reasons[k]})" for k, v in sorted(uncovered.items())) or "none"
+        line = (f"{type(self).__name__} coverage: {n_cov}/{total} parameter tensors covered ({cov or 'none'}); "
+                f"uncovered: {unc}")
+        return {"covered": dict(covered), "uncovered": dict(uncovered), "reasons": reasons, "line": line}
+
+    # ------------------------------------------------------------------ the FNGD direction
+    def _add(self, key: str, value: Tensor) -> None:
+        c = self._counters[key]
+        self._counters[key] = c.to(value.device) + value.to(torch.float64)
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _reps(self, mb: MicroBatch) -> dict[nn.Module, PerSampleGrads]:
+        reps: dict[nn.Module, PerSampleGrads] = {}
+        for module, calls in mb.calls.items():
+            if not self._coverable(module):
+                continue
+            calls = [c for c in calls if c.delta is not None]
+            if not calls:
+                continue
+            fn = find_sampler(module)
+            assert fn is not None
+            bd = self._capture.batch_dims.get(module, 0)
+            try:
+                parts = [fn(module, c.a, c.delta, bd, c.meta) for c in calls]
+            except Exception as e:  # name the module; the host's traceback alone would not
+                raise TypeError(f"FNGD: per-sample gradients of {type(module).__name__} failed: {e}") from e
+            reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
+        sizes = {r.n for r in reps.values()}
+        if len(sizes) > 1:
+            detail = ", ".join(f"{type(m).__name__}: {r.n}" for m, r in reps.items())
+            raise ValueError(f"FNGD: modules disagree on the number of samples ({detail}); declare the sample "
+                             "dimension of time-first modules with opt.set_batch_dim(module, dim)")
+        return reps
+
+    def _blocks(self, reps: dict[nn.Module, PerSampleGrads]) -> dict[int, list[PerSampleGrads]]:
+        """Modules sharing a parameter form one block, keyed by its first parameter's index."""
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                x = parent[x]
+            return x
+
+        for r in reps.values():
+            ids = [self._index[id(p)] for p in r.params]
+            for i in ids[1:]:
+                parent[find(i)] = find(ids[0])
+        blocks: dict[int, list[PerSampleGrads]] = {}
+        for r in reps.values():
+            root = find(self._index[id(r.params[0])])
+            blocks.setdefault(root, []).append(r)
+        return {min(self._index[id(p)] for r in rs for p in r.params): rs for rs in blocks.values()}
+
+    @staticmethod
+    def _block_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Tensor, Tensor]]) -> None:
+        for r in reps:
+            for p, g in zip(r.params, r.weighted(w)):
+                if id(p) in out:
+                    out[id(p)] = (p, out[id(p)][1] + g)
+                else:
+                    out[id(p)] = (p, g)
+
+    def _measure_scale(self, per_mb: list[dict[int, list[PerSampleGrads]]]) -> Tensor:
+        """kappa: the host gradient equals kappa * (sum of what the hooks saw), measured on one small block."""
+        common = set(per_mb[0])
+        for blocks in per_mb[1:]:
+            common &= set(blocks)
+        candidates = [k for k in common if all(p.grad is not None for r in per_mb[0][k] for p in r.params)]
+        if not candidates:
+            raise RuntimeError("FNGD: no covered module received a gradient in every micro-batch")
+        key = min(candidates, key=lambda k: sum(p.numel() for r in per_mb[0][k] for p in r.params))
+        seen: dict[int, tuple[Tensor, Tensor]] = {}
+        for blocks in per_mb:
+            reps = blocks[key]
+            self._block_weighted(reps, torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps)), seen)
+        seen_t = [g for _, g in seen.values()]
+        self._all_reduce_mean(seen_t)
+        num = sum((p.grad.to(g.dtype) * g).sum() for (p, _), g in zip(seen.values(), seen_t))
+        den = sum((g * g).sum() for g in seen_t)
+        kappa = torch.where(den > 0, num / den, torch.ones_like(den))  # type: ignore[arg-type]
+        return kappa.to(torch.float64)
+
+    @staticmethod
+    def _device(reps: list[PerSampleGrads]) -> torch.device:
+        return reps[0].params[0].device
+
+    def _all_reduce_mean(self, tensors: list[Tensor]) -> None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        world = dist.get_world_size()
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(world)
+
+    def _check_capture(self, per_mb: list[dict[int, list[PerSampleGrads]]], kappa: Tensor) -> None:
+        """Once: does every covered host gradient equal what the hooks saw? (catches uses outside forward)."""
+        self._checked_capture = True
+        seen: dict[int, tuple[Tensor, Tensor]] = {}
+        for blocks in per_mb:
+            for reps in blocks.values():
+                w = torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps))
+                self._block_weighted(reps, w, seen)
+        self._all_reduce_mean([g for _, g in seen.values()])
+        bad = []
+        for p, g in seen.values():
+            if p.grad is None:
+                continue
+            ref = p.grad.to(torch.float64)
+            err = float((ref - kappa * g.to(torch.float64)).norm() / ref.norm().clamp_min(1e-30))
+            if err > 1e-2 and float(ref.norm()) > 0:
+                bad.append(f"{tuple(p.shape)}: rel. error {err:.2g}")
+        if bad:
+            self._warn_once("capture", "FNGD: the host gradient of some covered parameters differs from what the "
+                            "module hooks saw (a parameter used outside its module's forward?): " + "; ".join(bad[:5]))
+
+
+    def _update(self, max_update_norm: float | None = None) -> None:
+        """Momentum SGD on whatever directions are now in p.grad; non-finite steps are no-ops."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            bufs = []
+            for p in params:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(st["momentum_buffer"])
+            ok = momentum_step(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
+                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                               max_update_norm=max_update_norm)
+            self._add("skipped", (~ok).to(torch.float64))
