@@ -7,9 +7,10 @@
 """
 
 from .fngd import FNGD
+from .kfac import KFAC
 from .samplers import PerSampleGrads, register_sampler
 from .smw import solve_coefficients
 from .store import CoefficientStore
 
-__all__ = ["FNGD", "CoefficientStore", "PerSampleGrads", "register_sampler", "solve_coefficients"]
+__all__ = ["FNGD", "KFAC", "CoefficientStore", "PerSampleGrads", "register_sampler", "solve_coefficients"]
 __version__ = "0.1.0"

@@ -121,6 +121,10 @@ class FactoredGrads(PerSampleGrads):
             out.append(Dw.sum(dim=(0, 1)))
         return out
 
+    def kron_factors(self) -> tuple[Tensor, Tensor]:
+        """(A (n, T, p), D (n, T, q)): per-token inputs and output gradients (KFAC's statistics)."""
+        return self.A, self.D
+
     def materialize(self) -> list[Tensor]:
         out = [torch.bmm(self.D.transpose(1, 2), self.A).view(self.n, *self.weight.shape)]
         if self.bias is not None:
@@ -236,6 +240,12 @@ class ConvGrads(FactoredGrads):
         D = self.delta.flatten(2).transpose(1, 2)  # (n, T, C_out)
         return A, D
 
+    def kron_factors(self) -> tuple[Tensor, Tensor]:
+        if self.module.groups != 1:
+            raise ValueError("Kronecker factors of a grouped convolution are not defined here")
+        factors = [c._factors() for c in self._calls()]
+        return torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors], dim=1)
+
     def _grouped(self) -> list[Tensor]:
         g = self.module.groups
         A, D = self._factors()
@@ -249,10 +259,7 @@ class ConvGrads(FactoredGrads):
 
     def gram(self) -> Tensor:
         if self.module.groups == 1:
-            factors = [c._factors() for c in self._calls()]
-            A = torch.cat([f[0] for f in factors], dim=1)
-            D = torch.cat([f[1] for f in factors], dim=1)
-            return _factored_gram(A, D, self.bias is not None)
+            return _factored_gram(*self.kron_factors(), self.bias is not None)
         return DenseGrads(self.params, self.materialize()).gram()
 
     def weighted(self, w: Tensor) -> list[Tensor]:
