@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .base import CaptureOptimizer, check_choice, check_number
 from .capture import MicroBatch
-from .samplers import PerSampleGrads, unsupported_reason
+from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, unsupported_reason
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
 from .store import CoefficientStore
 
@@ -75,9 +75,12 @@ class FNGD(CaptureOptimizer):
         max_update_norm: optional clip of the global norm of the direction before momentum.
         refresh_every: optional; every this many epochs after the collect phase, solve again for
             one epoch (fresh coefficients for a changed geometry).
-        dense_tied_limit: parameters shared between modules get an exact Gram (cross terms) when
-            n * their size is at most this many elements; above it, cross terms are dropped
-            (reported once).
+        dense_tied_limit: parameters shared between modules get an exact Gram (cross terms): cheaply
+            for embeddings sharing a table with each other and with one output projection, else by
+            materialising when n * their size is at most this many elements; above it, cross terms
+            are dropped (reported once).
+        keep_per_sample: with coefficients="network", per-sample gradients materialised for the
+            Gram are kept (up to this many elements) so the weighted sum needs no second pass.
     """
 
     counter_names = ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
@@ -100,6 +103,7 @@ class FNGD(CaptureOptimizer):
         max_update_norm: float | None = None,
         refresh_every: int | None = None,
         dense_tied_limit: int = 2**26,
+        keep_per_sample: int = 2**28,
     ):
         check_number("lr", lr, minimum=0.0)
         check_number("momentum", momentum, minimum=0.0)
@@ -117,6 +121,8 @@ class FNGD(CaptureOptimizer):
         check_number("steps_per_epoch", steps_per_epoch, minimum=1, integer=True, optional=True)
         check_number("max_update_norm", max_update_norm, minimum=0.0, strict=True, optional=True)
         check_number("refresh_every", refresh_every, minimum=1, integer=True, optional=True)
+        check_number("dense_tied_limit", dense_tied_limit, minimum=0, integer=True)
+        check_number("keep_per_sample", keep_per_sample, minimum=0, integer=True)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
 
@@ -130,6 +136,7 @@ class FNGD(CaptureOptimizer):
         self.max_update_norm = max_update_norm
         self.refresh_every = refresh_every
         self.dense_tied_limit = dense_tied_limit
+        self.keep_per_sample = keep_per_sample
 
         self.store = CoefficientStore(reuse) if reuse != "off" else None
 
@@ -319,9 +326,12 @@ class FNGD(CaptureOptimizer):
             return torch.ones(n, dtype=torch.float64, device=device)
         return (n * c).to(self._params[0].dtype)
 
-    def _block_gram(self, reps: list[PerSampleGrads]) -> Tensor:
+    def _block_gram(self, reps: list[PerSampleGrads], keep: bool = False) -> Tensor:
         if len(reps) == 1:
-            return reps[0].gram()
+            return reps[0].gram(keep=keep)
+        K = _shared_table_gram(reps)
+        if K is not None:
+            return K
         n = reps[0].n
         size = sum(p.numel() for p in {id(p): p for r in reps for p in r.params}.values())
         if n * size > self.dense_tied_limit:
@@ -349,14 +359,35 @@ class FNGD(CaptureOptimizer):
         if not self._checked_capture:
             self._check_capture(per_mb, kappa)
         out: dict[int, tuple[Tensor, Tensor]] = {}
-        tau = torch.zeros((), dtype=torch.float64, device=kappa.device)
+        totals = []  # sum_i c_i per solved block, weighted n_m / N (the scale of uncovered gradients)
         unit = (N * kappa) ** 2  # raw Gram -> true per-sample units
         for mb, blocks, n in zip(batches, per_mb, ns):
-            coefs = self._coefficients(mb, blocks, unit)
-            for key, reps in blocks.items():
-                c = coefs[NETWORK_BLOCK if self.coefficients == "network" else key]
-                self._block_weighted(reps, (n * kappa * c), out)
-            tau = tau + (n / N) * torch.stack([c.sum() for c in coefs.values()]).mean()
+            # g_i = N kappa * (raw column i), and the micro-batch direction counts n_m / N, so the
+            # raw per-sample gradients are weighted by n_m kappa c_i
+            looked = self._look_up(mb, blocks, n, kappa.device)
+            if looked is not None:
+                for key, reps in blocks.items():
+                    self._block_weighted(reps, n * kappa * looked[key], out)
+                    totals.append((n / N) * looked[key].sum())
+            elif self.coefficients == "network":
+                budget = self.keep_per_sample
+                K = None
+                for reps in blocks.values():
+                    keep = len(reps) == 1 and reps[0].cache_size() <= budget
+                    budget -= reps[0].cache_size() if keep else 0
+                    Kb = self._block_gram(reps, keep=keep)
+                    K = Kb if K is None else K + Kb
+                c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
+                totals.append((n / N) * c.sum())
+                for reps in blocks.values():
+                    self._block_weighted(reps, n * kappa * c, out)
+            else:  # one block at a time: its per-sample gradients are dropped before the next
+                for key, reps in blocks.items():
+                    c = self._solve(self._block_gram(reps, keep=True), unit, mb, key, share=1.0 / len(blocks))
+                    totals.append((n / N) * c.sum() / len(blocks))
+                    self._block_weighted(reps, n * kappa * c, out)
+            if mb.collect or looked is None:
+                self._add("collect_steps", torch.ones((), dtype=torch.float64))
         grads = [g for _, g in out.values()]
         self._all_reduce_mean(grads)
         written = set()
@@ -364,39 +395,58 @@ class FNGD(CaptureOptimizer):
             p.grad = g.to(p.dtype) if p.grad is None else g.to(p.grad.dtype).view_as(p.grad)
             written.add(id(p))
         if self.normalize != "sum":
+            tau = torch.stack(totals).sum()
             for p in self._params:
                 if p.grad is not None and id(p) not in written:
                     p.grad.mul_(tau.to(p.grad.dtype))
 
-    def _coefficients(self, mb: MicroBatch, blocks: dict[int, list[PerSampleGrads]], unit: Tensor) -> dict[int, Tensor]:
-        """True-unit coefficients per block: solved (collect) or looked up (layer reuse)."""
-        n = next(iter(blocks.values()))[0].n
+    def _look_up(self, mb: MicroBatch, blocks: dict, n: int, device: torch.device) -> dict[int, Tensor] | None:
+        """Stored coefficients for a layer-reuse batch, or None if it must solve."""
+        if mb.collect or self.store is None:
+            return None
+        looked = {k: self.store.get(k, n, ids=mb.ids, position=mb.position, device=device) for k in blocks}
+        return None if any(v is None for v in looked.values()) else looked  # type: ignore[return-value]
+
+    def _solve(self, K: Tensor, unit: Tensor, mb: MicroBatch, key: int, share: float) -> Tensor:
+        """Coefficients in true units for a raw Gram; statistics and the store are updated here."""
+        n = K.shape[0]
         device = unit.device
-        if not mb.collect:
-            assert self.store is not None
-            looked = {k: self.store.get(k, n, ids=mb.ids, position=mb.position, device=device) for k in blocks}
-            if all(v is not None for v in looked.values()):
-                return looked  # type: ignore[return-value]
-        grams = {k: self._block_gram(reps) for k, reps in blocks.items()}
-        if self.coefficients == "network":
-            grams = {NETWORK_BLOCK: sum(grams.values())}  # type: ignore[dict-item]
-        coefs = {}
-        for k, K in grams.items():
-            K = K.to(torch.float64) * unit
-            c, fell_back = solve_coefficients(K, self.damping, self.damping_mode)
-            self._add("fallbacks", fell_back.to(torch.float64))
-            # statistics of the solved scale: n * mean(c) is 1/lambda-like (large = weak damping);
-            # the spread std(c)/mean(c) is how far the weighting is from plain averaging
-            nc = n * c.mean()
-            finite = torch.isfinite(nc)
-            self._add("nc_sum", torch.where(finite, nc, 0.0) / len(grams))
-            self._add("spread_sum", torch.where(finite, c.std() / c.mean(), 0.0) / len(grams))
-            lo, hi = self._counters["nc_min"].to(device), self._counters["nc_max"].to(device)
-            self._counters["nc_min"] = torch.where(finite, torch.minimum(lo, nc), lo)
-            self._counters["nc_max"] = torch.where(finite, torch.maximum(hi, nc), hi)
-            c = normalize_coefficients(c, self.normalize)
-            coefs[k] = c
-            if self.store is not None:  # non-finite coefficients are masked inside the store
-                self.store.put(k, c, ids=mb.ids, position=mb.position)
-        self._add("collect_steps", torch.ones((), dtype=torch.float64))
-        return coefs
+        c, fell_back = solve_coefficients(K.to(torch.float64) * unit, self.damping, self.damping_mode)
+        self._add("fallbacks", fell_back.to(torch.float64))
+        # n * mean(c) is 1/lambda-like (large = weak damping); std(c)/mean(c) is how far the
+        # weighting is from plain averaging
+        nc = n * c.mean()
+        finite = torch.isfinite(nc)
+        self._add("nc_sum", torch.where(finite, nc, 0.0) * share)
+        self._add("spread_sum", torch.where(finite, c.std() / c.mean(), 0.0) * share)
+        lo, hi = self._counters["nc_min"].to(device), self._counters["nc_max"].to(device)
+        self._counters["nc_min"] = torch.where(finite, torch.minimum(lo, nc), lo)
+        self._counters["nc_max"] = torch.where(finite, torch.maximum(hi, nc), hi)
+        c = normalize_coefficients(c, self.normalize)
+        if self.store is not None:  # non-finite coefficients are masked inside the store
+            self.store.put(key, c, ids=mb.ids, position=mb.position)
+        return c
+
+
+def _shared_table_gram(reps: list[PerSampleGrads]) -> Tensor | None:
+    """Exact Gram for embeddings sharing one table, plus at most one Linear tied to it (an output
+    projection). Only the rows the embeddings touch carry cross terms, so those are all that is
+    materialised. None if the block has another shape."""
+    embs = [r for r in reps if isinstance(r, EmbeddingGrads)]
+    lins = [r for r in reps if isinstance(r, FactoredGrads)]
+    if not embs or len(embs) + len(lins) != len(reps) or len(lins) > 1:
+        return None
+    table = embs[0].weight
+    if any(r.weight is not table for r in [*embs, *lins]):
+        return None
+    n = reps[0].n
+    rows = torch.unique(torch.cat([e.idx.reshape(-1) for e in embs]))
+    E = embs[0].rows(rows)
+    for e in embs[1:]:
+        E = E + e.rows(rows)
+    E = E.reshape(n, -1)
+    K = E @ E.T
+    if lins:
+        C = lins[0].rows(rows).reshape(n, -1) @ E.T
+        K = K + C + C.T + lins[0].gram()
+    return K

@@ -48,6 +48,7 @@ class KFAC(CaptureOptimizer):
         inverse: "eigen" or "cholesky".
         pi_correction: pi-corrected Tikhonov split (cholesky method only).
         kl_clip: KL-clipping threshold (None to disable).
+        inverse_dtype: dtype of the eigendecompositions / inverses (default: the factors' dtype).
     """
 
     counter_names = ("skipped", "factor_updates", "inverse_updates", "inverse_failures")
@@ -66,6 +67,7 @@ class KFAC(CaptureOptimizer):
         inverse: str = "eigen",
         pi_correction: bool = True,
         kl_clip: float | None = 1e-3,
+        inverse_dtype: torch.dtype | None = None,
     ):
         check_number("lr", lr, minimum=0.0)
         check_number("momentum", momentum, minimum=0.0)
@@ -90,6 +92,7 @@ class KFAC(CaptureOptimizer):
         self.inverse = inverse
         self.pi_correction = pi_correction
         self.kl_clip = kl_clip
+        self.inverse_dtype = inverse_dtype
         self._steps = 0
         self._layers: dict[int, tuple[Tensor, Tensor | None]] = {}  # weight index -> (weight, bias)
 
@@ -195,7 +198,8 @@ class KFAC(CaptureOptimizer):
             st = self.state[weight]
             if "kfac_A" not in st:
                 continue
-            A, G = st["kfac_A"].to(torch.float64), st["kfac_G"].to(torch.float64)
+            dt = self.inverse_dtype or st["kfac_A"].dtype
+            A, G = st["kfac_A"].to(dt), st["kfac_G"].to(dt)
             try:
                 if self.inverse == "eigen":
                     dA, QA = torch.linalg.eigh(A)

@@ -47,8 +47,11 @@ class PerSampleGrads:
 
     params: tuple[Tensor, ...]
     n: int
+    # per-sample gradients materialised by gram(keep=True), reused by weighted(); None otherwise
+    _cache: list[Tensor] | None = None
 
-    def gram(self) -> Tensor:
+    def gram(self, keep: bool = False) -> Tensor:
+        """K_ij = <g_i, g_j>. With keep=True a route that materialises g_i keeps it for weighted()."""
         raise NotImplementedError
 
     def weighted(self, w: Tensor) -> list[Tensor]:
@@ -57,26 +60,35 @@ class PerSampleGrads:
     def materialize(self) -> list[Tensor]:
         raise NotImplementedError
 
+    def cache_size(self) -> int:
+        """Elements that gram(keep=True) would keep if it materialises."""
+        return self.n * sum(p.numel() for p in self.params)
+
+    def _cached_weighted(self, w: Tensor) -> list[Tensor] | None:
+        if self._cache is None:
+            return None
+        out = [torch.tensordot(w.to(g.dtype), g, dims=1).view(p.shape) for g, p in zip(self._cache, self.params)]
+        self._cache = None
+        return out
+
     @classmethod
     def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
         """Merge several calls of the same module in one forward (their gradients add up)."""
         raise NotImplementedError
 
 
-def _factored_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
-    """Gram of g_i = sum_t D[i,t] (x) [A[i,t], 1?]: the cheaper of the token route and materialising.
+def _gram_of(grads: Sequence[Tensor]) -> Tensor:
+    n = grads[0].shape[0]
+    K = None
+    for g in grads:
+        f = g.reshape(n, -1)
+        K = f @ f.T if K is None else K + f @ f.T
+    assert K is not None
+    return K
 
-    A: (n, T, p), D: (n, T, q). Token route: K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js),
-    cost (nT)^2 (p+q). Materialise: g_i = D_i^T A_i by bmm, cost nTpq + n^2 pq.
-    """
-    n, T, p = A.shape
-    q = D.shape[-1]
-    if T == 1:
-        A2, D2 = A[:, 0], D[:, 0]
-        AA = A2 @ A2.T
-        if bias:
-            AA = AA + 1
-        return AA * (D2 @ D2.T)
+
+def _use_token_route(n: int, T: int, p: int, q: int) -> bool:
+    """Token route (cost (nT)^2 (p+q)) or materialising g_i (cost nTpq + n^2 pq), memory permitting."""
     token_flops = (n * T) ** 2 * (p + q)
     mat_flops = n * T * p * q + n * n * p * q
     token_mem = 2 * (n * T) ** 2
@@ -86,23 +98,23 @@ def _factored_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
         use_token = False
     elif not use_token and mat_mem > _ROUTE_MEMORY_LIMIT and token_mem <= _ROUTE_MEMORY_LIMIT:
         use_token = True
-    if use_token:
-        Af = A.reshape(n * T, p)
-        Df = D.reshape(n * T, q)
-        AA = Af @ Af.T
-        if bias:
-            AA = AA + 1
-        return (AA * (Df @ Df.T)).view(n, T, n, T).sum(dim=(1, 3))
-    G = torch.bmm(D.transpose(1, 2), A).reshape(n, q * p)
-    K = G @ G.T
+    return use_token
+
+
+def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
+    """K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js) for g_i = sum_t D[i,t] (x) [A[i,t], 1?]."""
+    n, T, p = A.shape
+    Af = A.reshape(n * T, p)
+    Df = D.reshape(n * T, D.shape[-1])
+    AA = Af @ Af.T
     if bias:
-        Gb = D.sum(dim=1)
-        K = K + Gb @ Gb.T
-    return K
+        AA = AA + 1
+    KK = AA * (Df @ Df.T)
+    return KK if T == 1 else KK.view(n, T, n, T).sum(dim=(1, 3))
 
 
 class FactoredGrads(PerSampleGrads):
-    """g_i = sum_t D[i,t] [A[i,t], 1]^T: Linear (on any number of token dims) and 1-group Conv2d."""
+    """g_i = sum_t D[i,t] [A[i,t], 1]^T: Linear on any number of token dimensions."""
 
     def __init__(self, A: Tensor, D: Tensor, weight: Tensor, bias: Tensor | None):
         self.A, self.D = A, D
@@ -110,10 +122,19 @@ class FactoredGrads(PerSampleGrads):
         self.params = (weight,) if bias is None else (weight, bias)
         self.n = A.shape[0]
 
-    def gram(self) -> Tensor:
-        return _factored_gram(self.A, self.D, self.bias is not None)
+    def gram(self, keep: bool = False) -> Tensor:
+        n, T, p = self.A.shape
+        if T == 1 or _use_token_route(n, T, p, self.D.shape[-1]):
+            return _token_gram(self.A, self.D, self.bias is not None)
+        grads = self.materialize()
+        if keep:
+            self._cache = grads
+        return _gram_of(grads)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
+        cached = self._cached_weighted(w)
+        if cached is not None:
+            return cached
         q, p = self.D.shape[-1], self.A.shape[-1]
         Dw = self.D * w.to(self.D.dtype)[:, None, None]
         out = [(Dw.reshape(-1, q).T @ self.A.reshape(-1, p)).view(self.weight.shape)]
@@ -124,6 +145,10 @@ class FactoredGrads(PerSampleGrads):
     def kron_factors(self) -> tuple[Tensor, Tensor]:
         """(A (n, T, p), D (n, T, q)): per-token inputs and output gradients (KFAC's statistics)."""
         return self.A, self.D
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """Per-sample gradients of the weight restricted to rows ``idx``: (n, len(idx), p)."""
+        return torch.bmm(self.D[:, :, idx].transpose(1, 2), self.A)
 
     def materialize(self) -> list[Tensor]:
         out = [torch.bmm(self.D.transpose(1, 2), self.A).view(self.n, *self.weight.shape)]
@@ -148,13 +173,8 @@ class DenseGrads(PerSampleGrads):
         self.grads = list(grads)
         self.n = self.grads[0].shape[0]
 
-    def gram(self) -> Tensor:
-        K = None
-        for g in self.grads:
-            f = g.reshape(self.n, -1)
-            K = f @ f.T if K is None else K + f @ f.T
-        assert K is not None
-        return K
+    def gram(self, keep: bool = False) -> Tensor:
+        return _gram_of(self.grads)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
         return [torch.tensordot(w.to(g.dtype), g, dims=1) for g in self.grads]
@@ -176,21 +196,26 @@ class EmbeddingGrads(PerSampleGrads):
         self.params = (weight,)
         self.n = idx.shape[0]
 
-    def gram(self) -> Tensor:
+    def gram(self, keep: bool = False) -> Tensor:
         n, T = self.idx.shape
         q = self.D.shape[-1]
-        uniq, inv = torch.unique(self.idx, return_inverse=True)
+        uniq = torch.unique(self.idx)
         U = uniq.numel()
         if U * n * q <= (n * T) ** 2 * q or 2 * (n * T) ** 2 > _ROUTE_MEMORY_LIMIT:
             # per-sample gradients restricted to the U rows this batch touches
-            G = self.D.new_zeros(n, U, q)
-            rows = torch.arange(n, device=self.idx.device).unsqueeze(1).expand(n, T)
-            G.index_put_((rows, inv), self.D, accumulate=True)
-            G = G.reshape(n, U * q)
+            G = self.rows(uniq).reshape(n, U * q)
             return G @ G.T
         Df = self.D.reshape(n * T, q)
         same = (self.idx.reshape(-1, 1) == self.idx.reshape(1, -1)).to(Df.dtype)
         return ((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3))
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """Per-sample gradients restricted to the sorted rows ``idx`` (which must hold every used row)."""
+        n, T = self.idx.shape
+        G = self.D.new_zeros(n, idx.numel(), self.D.shape[-1])
+        where = torch.searchsorted(idx, self.idx)
+        samples = torch.arange(n, device=self.idx.device).unsqueeze(1).expand(n, T)
+        return G.index_put_((samples, where), self.D, accumulate=True)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
         q = self.D.shape[-1]
@@ -212,66 +237,63 @@ class EmbeddingGrads(PerSampleGrads):
         return cls(idx, D, reps[0].weight)  # type: ignore[attr-defined]
 
 
-class ConvGrads(FactoredGrads):
-    """Conv2d: the unfolded factored form for the Gram; weighted sums via conv2d_weight (no unfold)."""
+class ConvGrads(PerSampleGrads):
+    """Conv2d: per-sample weight gradients by one grouped weight-gradient convolution (batch as groups),
+    or the token route on unfolded patches when the spatial extent is small; weighted sums by the
+    layer's own conv2d_weight (or from the kept per-sample gradients)."""
 
     def __init__(self, module: nn.Conv2d, a: Tensor, delta: Tensor):
-        self.module, self.a, self.delta = module, a, delta
+        self.module = module
+        self.calls = [(a, delta)]
         self.weight, self.bias = module.weight, module.bias
         self.params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         self.n = a.shape[0]
-        self.others: list[ConvGrads] = []
 
-    def _calls(self) -> list[ConvGrads]:
-        return [self, *self.others]
-
-    def _padded(self) -> tuple[Tensor, Any]:
+    def _padded(self, a: Tensor) -> tuple[Tensor, Any]:
         m = self.module
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            return F.pad(self.a, m._reversed_padding_repeated_twice, mode=mode), 0
-        return self.a, m.padding
-
-    def _factors(self) -> tuple[Tensor, Tensor]:
-        m = self.module
-        a, padding = self._padded()
-        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        A = cols.transpose(1, 2)  # (n, T, C_in k k)
-        D = self.delta.flatten(2).transpose(1, 2)  # (n, T, C_out)
-        return A, D
+            return F.pad(a, m._reversed_padding_repeated_twice, mode=mode), 0
+        return a, m.padding
 
     def kron_factors(self) -> tuple[Tensor, Tensor]:
+        """Unfolded patches A (n, T, C_in k k) and output gradients D (n, T, C_out), T summed over calls."""
         if self.module.groups != 1:
             raise ValueError("Kronecker factors of a grouped convolution are not defined here")
-        factors = [c._factors() for c in self._calls()]
-        return torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors], dim=1)
+        m = self.module
+        As, Ds = [], []
+        for a, delta in self.calls:
+            a, padding = self._padded(a)
+            As.append(F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2))
+            Ds.append(delta.flatten(2).transpose(1, 2))
+        if len(As) == 1:
+            return As[0], Ds[0]
+        return torch.cat(As, dim=1), torch.cat(Ds, dim=1)
 
-    def _grouped(self) -> list[Tensor]:
-        g = self.module.groups
-        A, D = self._factors()
-        n, T, _ = A.shape
-        Ag = A.reshape(n, T, g, -1)
-        Dg = D.reshape(n, T, g, -1)
-        out = [torch.einsum("ntgq,ntgp->ngqp", Dg, Ag).reshape(n, *self.weight.shape)]
-        if self.bias is not None:
-            out.append(D.sum(dim=1))
-        return out
+    def _tokens(self) -> int:
+        return sum(d.shape[2] * d.shape[3] for _, d in self.calls)
 
-    def gram(self) -> Tensor:
-        if self.module.groups == 1:
-            return _factored_gram(*self.kron_factors(), self.bias is not None)
-        return DenseGrads(self.params, self.materialize()).gram()
+    def gram(self, keep: bool = False) -> Tensor:
+        m = self.module
+        p = self.weight[0].numel()
+        if m.groups == 1 and _use_token_route(self.n, self._tokens(), p, self.weight.shape[0]):
+            return _token_gram(*self.kron_factors(), self.bias is not None)
+        grads = self.materialize()
+        if keep:
+            self._cache = grads
+        return _gram_of(grads)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
+        cached = self._cached_weighted(w)
+        if cached is not None:
+            return cached
         m = self.module
-        gw = None
-        gb = None
-        for c in self._calls():
-            a, padding = c._padded()
-            dw = c.delta * w.to(c.delta.dtype)[:, None, None, None]
-            wgrad = torch.nn.grad.conv2d_weight(
-                a, m.weight.shape, dw, stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups
-            )
+        gw = gb = None
+        for a, delta in self.calls:
+            a, padding = self._padded(a)
+            dw = delta * w.to(delta.dtype)[:, None, None, None]
+            wgrad = torch.nn.grad.conv2d_weight(a, m.weight.shape, dw, stride=m.stride, padding=padding,
+                                                dilation=m.dilation, groups=m.groups)
             gw = wgrad if gw is None else gw + wgrad
             if self.bias is not None:
                 bgrad = dw.sum(dim=(0, 2, 3))
@@ -280,17 +302,30 @@ class ConvGrads(FactoredGrads):
         return [gw] if gb is None else [gw, gb]
 
     def materialize(self) -> list[Tensor]:
-        if self.module.groups == 1:
-            parts = [FactoredGrads(*c._factors(), self.weight, self.bias).materialize() for c in self._calls()]
-        else:
-            parts = [c._grouped() for c in self._calls()]
-        return [sum(p) for p in zip(*parts)]  # type: ignore[misc]
+        m = self.module
+        n = self.n
+        c_out, c_in_g = self.weight.shape[:2]
+        gw = gb = None
+        for a, delta in self.calls:
+            a, padding = self._padded(a)
+            # per-sample weight gradients: the batch folded into channels, one group per sample
+            x = a.contiguous().view(1, n * a.shape[1], *a.shape[2:])
+            go = delta.contiguous().view(1, n * c_out, *delta.shape[2:])
+            shape = (n * c_out, c_in_g, *self.weight.shape[2:])
+            g = torch.nn.grad.conv2d_weight(x, shape, go, stride=m.stride, padding=padding, dilation=m.dilation,
+                                            groups=n * m.groups).view(n, *self.weight.shape)
+            gw = g if gw is None else gw + g
+            if self.bias is not None:
+                b = delta.sum(dim=(2, 3))
+                gb = b if gb is None else gb + b
+        assert gw is not None
+        return [gw] if gb is None else [gw, gb]
 
     @classmethod
     def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
         first = reps[0]
         assert isinstance(first, ConvGrads)
-        first.others = list(reps[1:])  # type: ignore[arg-type]
+        first.calls = [c for r in reps for c in r.calls]  # type: ignore[attr-defined]
         return first
 
 

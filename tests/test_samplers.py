@@ -30,11 +30,12 @@ def layer_case(layer, a, batch_dim=0):
 
 def check_rep(rep, U, names, layer):
     n = U.shape[0]
-    K = rep.gram()
+    K = rep.gram(keep=True)
     assert torch.allclose(K, U @ U.T, rtol=1e-10, atol=1e-12)
     w = torch.randn(n)
-    got = torch.cat([g.reshape(-1) for g in rep.weighted(w)])
-    assert torch.allclose(got, U.T @ w, rtol=1e-10, atol=1e-12)
+    for _ in range(2):  # from the per-sample gradients gram() kept (if its route made them), then without
+        got = torch.cat([g.reshape(-1) for g in rep.weighted(w)])
+        assert torch.allclose(got, U.T @ w, rtol=1e-10, atol=1e-12)
     mat = torch.cat([g.reshape(n, -1) for g in rep.materialize()], dim=1)
     assert torch.allclose(mat, U, rtol=1e-10, atol=1e-12)
     assert [id(p) for p in rep.params] == [id(dict(layer.named_parameters())[k]) for k in names]
@@ -52,8 +53,8 @@ def test_linear_token_route_and_time_first(f64):
     layer = nn.Linear(32, 32)
     A = torch.randn(9, 2, 32)
     D = torch.randn(9, 2, 32)
-    assert (9 * 2) ** 2 * 64 <= 9 * 2 * 32 * 32 + 81 * 32 * 32
-    tok = S._factored_gram(A, D, True)
+    assert S._use_token_route(9, 2, 32, 32)
+    tok = S._token_gram(A, D, True)
     G = torch.cat([torch.einsum("ntq,ntp->nqp", D, A).reshape(9, -1), D.sum(1)], dim=1)
     assert torch.allclose(tok, G @ G.T)
     check_rep(*layer_case(layer, torch.randn(3, 6, 32), batch_dim=1), layer)
@@ -73,6 +74,14 @@ def test_linear_token_route_and_time_first(f64):
 def test_conv2d(f64, kw):
     layer = nn.Conv2d(4, 8, 3, **kw)
     check_rep(*layer_case(layer, torch.randn(5, 4, 7, 6)), layer)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_token_route(f64, bias):
+    # small spatial extent, wide channels: the token route on unfolded patches is the cheaper one
+    layer = nn.Conv2d(32, 32, 3, padding=1, bias=bias)
+    assert S._use_token_route(3, 4, 32 * 9, 32)
+    check_rep(*layer_case(layer, torch.randn(3, 32, 2, 2)), layer)
 
 
 def test_conv2d_channels_last(f64):
@@ -182,14 +191,36 @@ def test_repeated_module_and_tied_weights_exact(f64, coefficients):
     restore(model, before)
 
 
-def test_tied_weights_over_the_limit_are_approximated_and_reported(f64):
-    model = Shared()
-    x = torch.randint(0, 9, (7, 5))
-    y = torch.randint(0, 9, (7,))
-    opt = FNGD(model.parameters(), lr=0.1, reuse="off", dense_tied_limit=10)
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.l2.weight = self.l1.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def test_tied_linears_exact_by_materialising_then_approximated_over_the_limit(f64):
+    model = TiedLinears()
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    gs = per_sample_grads(model, F.cross_entropy, x, y)
+    expected = ngd_direction(flat(gs, [k for k, _ in model.named_parameters()]), 0.2)
+    kw = dict(lr=1.0, momentum=0.0, damping=0.2, damping_mode="absolute", normalize="none", reuse="off")
+    opt = FNGD(model.parameters(), **kw)
+    before = snapshot(model)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert float(((before - snapshot(model)) - expected).norm() / expected.norm()) < 1e-8
+    restore(model, before)
+    del opt
+
+    opt = FNGD(model.parameters(), **kw, dense_tied_limit=10)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(RuntimeWarning, match="cross terms are dropped"):
         opt.step()
     assert opt.stats()["tied_approximations"] == 1
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    step = before - snapshot(model)
+    assert torch.isfinite(step).all() and float((step - expected).norm() / expected.norm()) > 1e-6
