@@ -103,7 +103,7 @@ class FNGD(CaptureOptimizer):
         max_update_norm: float | None = None,
         refresh_every: int | None = None,
         dense_tied_limit: int = 2**26,
-        keep_per_sample: int = 2**28,
+        keep_per_sample: int = 2**26,
     ):
         check_number("lr", lr, minimum=0.0)
         check_number("momentum", momentum, minimum=0.0)

@@ -49,6 +49,8 @@ class KFAC(CaptureOptimizer):
         pi_correction: pi-corrected Tikhonov split (cholesky method only).
         kl_clip: KL-clipping threshold (None to disable).
         inverse_dtype: dtype of the eigendecompositions / inverses (default: the factors' dtype).
+        max_factor_dim: layers whose A or G would be larger than this stay plain SGD (reported at
+            construction); KFAC codebases commonly skip huge output projections this way.
     """
 
     counter_names = ("skipped", "factor_updates", "inverse_updates", "inverse_failures")
@@ -68,6 +70,7 @@ class KFAC(CaptureOptimizer):
         pi_correction: bool = True,
         kl_clip: float | None = 1e-3,
         inverse_dtype: torch.dtype | None = None,
+        max_factor_dim: int | None = None,
     ):
         check_number("lr", lr, minimum=0.0)
         check_number("momentum", momentum, minimum=0.0)
@@ -84,6 +87,8 @@ class KFAC(CaptureOptimizer):
         check_number("inv_update_steps", inv_update_steps, minimum=1, integer=True)
         check_choice("inverse", inverse, INVERSE_METHODS)
         check_number("kl_clip", kl_clip, minimum=0.0, strict=True, optional=True)
+        check_number("max_factor_dim", max_factor_dim, minimum=1, integer=True, optional=True)
+        self.max_factor_dim = max_factor_dim  # read by _unsupported during the coverage report
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         self.damping = float(damping)
         self.factor_decay = float(factor_decay)
@@ -101,6 +106,11 @@ class KFAC(CaptureOptimizer):
             return f"KFAC covers Linear and Conv2d, not {type(module).__name__}"
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return "grouped convolution"
+        if self.max_factor_dim is not None:
+            w = module.weight
+            dims = (w[0].numel() + (module.bias is not None), w.shape[0])
+            if max(dims) > self.max_factor_dim:
+                return f"factor dimension {max(dims)} > max_factor_dim={self.max_factor_dim}"
         return unsupported_reason(module)
 
     def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch:

@@ -113,6 +113,25 @@ def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     return KK if T == 1 else KK.view(n, T, n, T).sum(dim=(1, 3))
 
 
+def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
+    """Gram by materialising g_i = D_i^T A_i a block of output rows at a time, so that each block is
+    still in cache when its contribution is taken (up to 2x faster than one pass on a CPU)."""
+    n, _, p = A.shape
+    q = D.shape[-1]
+    target = 2**25 if A.is_cuda else 2**22  # elements per block (measured on a 2-core CPU)
+    step = max(8, target // (n * p))
+    Dt = D.transpose(1, 2)
+    K = None
+    for s in range(0, q, step):
+        G = torch.bmm(Dt[:, s:s + step], A).reshape(n, -1)
+        K = G @ G.T if K is None else K + G @ G.T
+    assert K is not None
+    if bias:
+        Gb = D.sum(dim=1)
+        K = K + Gb @ Gb.T
+    return K
+
+
 class FactoredGrads(PerSampleGrads):
     """g_i = sum_t D[i,t] [A[i,t], 1]^T: Linear on any number of token dimensions."""
 
@@ -123,13 +142,12 @@ class FactoredGrads(PerSampleGrads):
         self.n = A.shape[0]
 
     def gram(self, keep: bool = False) -> Tensor:
+        # keep is ignored: the weighted sum is one GEMM, cheaper than keeping n per-sample gradients
         n, T, p = self.A.shape
-        if T == 1 or _use_token_route(n, T, p, self.D.shape[-1]):
+        q = self.D.shape[-1]
+        if T == 1 or _use_token_route(n, T, p, q):
             return _token_gram(self.A, self.D, self.bias is not None)
-        grads = self.materialize()
-        if keep:
-            self._cache = grads
-        return _gram_of(grads)
+        return _chunked_gram(self.A, self.D, self.bias is not None)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
         cached = self._cached_weighted(w)
@@ -276,8 +294,11 @@ class ConvGrads(PerSampleGrads):
     def gram(self, keep: bool = False) -> Tensor:
         m = self.module
         p = self.weight[0].numel()
-        if m.groups == 1 and _use_token_route(self.n, self._tokens(), p, self.weight.shape[0]):
+        T = self._tokens()
+        if m.groups == 1 and _use_token_route(self.n, T, p, self.weight.shape[0]):
             return _token_gram(*self.kron_factors(), self.bias is not None)
+        if m.groups == 1 and T <= 256:  # measured: unfold + blocked bmm beats the grouped convolution here
+            return _chunked_gram(*self.kron_factors(), self.bias is not None)
         grads = self.materialize()
         if keep:
             self._cache = grads

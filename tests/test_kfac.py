@@ -208,3 +208,10 @@ def test_coverage_and_bad_input():
                       (dict(kl_clip=0.0), "kl_clip")]:
         with pytest.raises(ValueError, match=match):
             KFAC(model.parameters(), lr=0.1, **kw)
+
+
+def test_max_factor_dim_leaves_large_layers_to_sgd():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 300))
+    opt = KFAC(model.parameters(), lr=0.1, max_factor_dim=100)
+    assert "factor dimension 300 > max_factor_dim=100" in opt.coverage["line"]
+    assert opt.coverage["covered"] == {"Linear": 2}

@@ -316,3 +316,19 @@ def test_coverage_report_and_uncovered_update(f64, caplog):
     opt.step()
     assert torch.allclose(model.rnn.weight_hh_l0.grad, host["rnn.weight_hh_l0"] * c.sum())
     assert torch.allclose(model.scale.grad, host["scale"] * c.sum())
+
+
+def test_max_update_norm_clips_the_direction(f64):
+    model = MODELS["mlp"]()
+    (x, y), _ = model.batch(8)
+    p0 = snapshot(model)
+    steps = {}
+    for clip in (None, 1e-3):
+        restore(model, p0)
+        opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, reuse="off", max_update_norm=clip)
+        train(model, opt, [(x, y)])
+        steps[clip] = p0 - snapshot(model)
+        del opt
+    assert float(steps[None].norm()) > 1e-3
+    assert float(steps[1e-3].norm()) == pytest.approx(1e-3, rel=1e-9)
+    assert torch.allclose(steps[1e-3] / 1e-3, steps[None] / steps[None].norm())

@@ -76,6 +76,13 @@ def test_conv2d(f64, kw):
     check_rep(*layer_case(layer, torch.randn(5, 4, 7, 6)), layer)
 
 
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=1, groups=2, bias=False)])
+def test_conv2d_large_spatial_grouped_route(f64, kw):
+    # T > 256: per-sample gradients by one grouped weight-gradient convolution (batch as groups)
+    layer = nn.Conv2d(2, 4, 3, **kw)
+    check_rep(*layer_case(layer, torch.randn(3, 2, 18, 17)), layer)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv2d_token_route(f64, bias):
     # small spatial extent, wide channels: the token route on unfolded patches is the cheaper one
