@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fngd-installed
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/digits_demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_cost.py --out results/benchmark.md
 
 clean:
 	rm -rf $(VENV)

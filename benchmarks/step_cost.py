@@ -38,6 +38,11 @@ BIG = 10**9
 # KFAC leaves layers with a factor above this to SGD: here the 8000-way output projection (KFAC
 # codebases usually skip embedding/output layers); every ResNet-18 layer stays covered.
 KFAC_MAX_DIM = 5000
+KFAC_KINDS = {  # one KFAC instance, its schedule switched per timed step
+    "kfac plain": (BIG, BIG),
+    "kfac +factors": (1, BIG),
+    "kfac +inverses": (BIG, 1),
+}
 
 
 def sync(device: str) -> None:
@@ -74,9 +79,8 @@ def optimizers(coefficients: list[str]) -> dict[str, Callable]:
         opts[f"fngd-{c} collect"] = lambda p, c=c: FNGD(p, lr=0.01, coefficients=c, steps_per_epoch=BIG)
         opts[f"fngd-{c} reuse"] = lambda p, c=c: FNGD(p, lr=0.01, coefficients=c, steps_per_epoch=1)
     kf = dict(lr=0.01, max_factor_dim=KFAC_MAX_DIM)
-    opts["kfac plain"] = lambda p: KFAC(p, factor_update_steps=BIG, inv_update_steps=BIG, **kf)
-    opts["kfac +factors"] = lambda p: KFAC(p, factor_update_steps=1, inv_update_steps=BIG, **kf)
-    opts["kfac +inverses"] = lambda p: KFAC(p, factor_update_steps=BIG, inv_update_steps=1, **kf)
+    for kind, (fac, inv) in KFAC_KINDS.items():
+        opts[kind] = lambda p, fac=fac, inv=inv: KFAC(p, factor_update_steps=fac, inv_update_steps=inv, **kf)
     return opts
 
 
@@ -90,16 +94,24 @@ def time_steps(task, batch, device, names, rounds, slow_rounds, coefficients, lo
     base, loss_fn = TASKS[task](batch, device)
     factories = optimizers(coefficients)
     runs = {}
+    shared_kfac = None
     for name in names:
+        if name in KFAC_KINDS and shared_kfac is not None:
+            runs[name] = shared_kfac
+            continue
         model = copy.deepcopy(base)
         opt = factories[name](model.parameters())
         train_step(model, opt, loss_fn)  # warm-up; FNGD reuse: the one collect step; KFAC: first factors/inverses
         runs[name] = (model, opt)
+        if name in KFAC_KINDS:
+            shared_kfac = runs[name]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name, (model, opt) in runs.items():
             if name == "kfac +inverses" and r >= slow_rounds:
                 continue
+            if name in KFAC_KINDS:
+                opt.factor_update_steps, opt.inv_update_steps = KFAC_KINDS[name]
             sync(device)
             t0 = time.perf_counter()
             train_step(model, opt, loss_fn)
@@ -158,9 +170,8 @@ def child_memory(task: str, batch: int, device: str, name: str, coefficients: li
             train_step(model, opt, loss_fn)
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
-    import threading
-
     import ctypes
+    import threading
 
     base = _rss()
     train_step(model, opt, loss_fn)

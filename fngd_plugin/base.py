@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .capture import MicroBatch, ModuleCapture
 from .samplers import PerSampleGrads, find_sampler
-from .update import momentum_step
+from .update import global_norm, momentum_step
 
 logger = logging.getLogger("fngd_plugin")
 
@@ -253,9 +253,20 @@ class CaptureOptimizer(torch.optim.Optimizer):
 
 
     def _update(self, max_update_norm: float | None = None) -> None:
-        """Momentum SGD on whatever directions are now in p.grad; non-finite steps are no-ops."""
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+        """Momentum SGD on whatever directions are now in p.grad.
+
+        A non-finite direction anywhere skips the whole step (parameters and momentum untouched,
+        counted); ``max_update_norm`` clips the global norm of the directions of all groups."""
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        grads = [p.grad for _, ps in groups for p in ps]
+        if not grads:
+            return
+        total = global_norm(grads)
+        if not math.isfinite(total):
+            self._add("skipped", torch.ones((), dtype=torch.float64))
+            return
+        scale = 1.0 if max_update_norm is None or total <= max_update_norm else max_update_norm / total
+        for group, params in groups:
             if not params:
                 continue
             bufs = []
@@ -264,7 +275,5 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 if "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(st["momentum_buffer"])
-            ok = momentum_step(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
-                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                               max_update_norm=max_update_norm)
-            self._add("skipped", (~ok).to(torch.float64))
+            momentum_step(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
+                          weight_decay=group["weight_decay"], nesterov=group["nesterov"], scale=scale)
