@@ -44,12 +44,25 @@ def check_number(name: str, value: Any, *, minimum: float, strict: bool = False,
 
 
 
+def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bool) -> None:
+    check_number("lr", lr, minimum=0.0)
+    check_number("momentum", momentum, minimum=0.0)
+    if momentum >= 1:
+        raise ValueError(f"momentum={momentum!r} must be < 1")
+    check_number("weight_decay", weight_decay, minimum=0.0)
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+
+
 class CaptureOptimizer(torch.optim.Optimizer):
     """Base class: an optimizer whose modules are found and observed through :class:`ModuleCapture`.
 
     Subclasses implement ``_start_batch(root, args) -> MicroBatch`` (what to capture for the next
-    forward), ``_unsupported(module) -> reason | None`` (which owners they cover) and ``step``.
+    forward), ``_unsupported(module) -> reason | None`` (which owners they cover) and
+    ``_precondition(batches)`` (rewrite p.grad from the captured micro-batches of this step).
     """
+
+    max_update_norm: float | None = None
 
     counter_names: tuple[str, ...] = ("skipped",)
 
@@ -71,6 +84,19 @@ class CaptureOptimizer(torch.optim.Optimizer):
 
     def _unsupported(self, module: nn.Module) -> str | None:
         raise NotImplementedError
+
+    def _precondition(self, batches: list[MicroBatch]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._precondition([mb for mb in self._capture.take() if mb.capture])
+        self._update(self.max_update_norm)
+        return loss
 
     def set_batch_dim(self, module: nn.Module, dim: int) -> None:
         """Declare that ``module``'s inputs and outputs carry the sample dimension at ``dim``."""

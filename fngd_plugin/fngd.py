@@ -37,7 +37,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .base import CaptureOptimizer, check_choice, check_number
+from .base import CaptureOptimizer, check_choice, check_number, check_sgd_args
 from .capture import MicroBatch
 from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, unsupported_reason
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
@@ -105,13 +105,7 @@ class FNGD(CaptureOptimizer):
         dense_tied_limit: int = 2**26,
         keep_per_sample: int = 2**26,
     ):
-        check_number("lr", lr, minimum=0.0)
-        check_number("momentum", momentum, minimum=0.0)
-        if momentum >= 1:
-            raise ValueError(f"momentum={momentum!r} must be < 1")
-        check_number("weight_decay", weight_decay, minimum=0.0)
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+        check_sgd_args(lr, momentum, weight_decay, nesterov)
         check_number("damping", damping, minimum=0.0, strict=True)
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("coefficients", coefficients, COEFFICIENT_MODES)
@@ -205,18 +199,6 @@ class FNGD(CaptureOptimizer):
             "store_misses": 0 if self.store is None else int(self.store.misses),
             "root_mismatches": self._capture.root_mismatch,
         }
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        batches = [mb for mb in self._capture.take() if mb.capture]
-        if batches:
-            self._precondition(batches)
-        self._update(self.max_update_norm)
-        return loss
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -348,6 +330,8 @@ class FNGD(CaptureOptimizer):
         return G @ G.T
 
     def _precondition(self, batches: list[MicroBatch]) -> None:
+        if not batches:
+            return
         per_mb = [self._blocks(self._reps(mb)) for mb in batches]
         live = [(mb, blocks) for mb, blocks in zip(batches, per_mb) if blocks]
         if not live:

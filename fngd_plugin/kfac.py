@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .base import CaptureOptimizer, check_choice, check_number
+from .base import CaptureOptimizer, check_choice, check_number, check_sgd_args
 from .capture import MicroBatch
 from .samplers import unsupported_reason
 
@@ -72,13 +72,7 @@ class KFAC(CaptureOptimizer):
         inverse_dtype: torch.dtype | None = None,
         max_factor_dim: int | None = None,
     ):
-        check_number("lr", lr, minimum=0.0)
-        check_number("momentum", momentum, minimum=0.0)
-        if momentum >= 1:
-            raise ValueError(f"momentum={momentum!r} must be < 1")
-        check_number("weight_decay", weight_decay, minimum=0.0)
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+        check_sgd_args(lr, momentum, weight_decay, nesterov)
         check_number("damping", damping, minimum=0.0, strict=True)
         check_number("factor_decay", factor_decay, minimum=0.0)
         if factor_decay >= 1:
@@ -139,21 +133,13 @@ class KFAC(CaptureOptimizer):
                 w = self._params[int(bias_of)]
                 self._layers[int(bias_of)] = (w, p)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        batches = [mb for mb in self._capture.take() if mb.capture]
+    def _precondition(self, batches: list[MicroBatch]) -> None:
         if batches:
             self._update_factors(batches)
         if self._steps % self.inv_update_steps == 0:
             self._update_inverses()
-        self._precondition()
-        self._update()
+        self._apply_inverses()
         self._steps += 1
-        return loss
 
     # ------------------------------------------------------------------ factors
     def _update_factors(self, batches: list[MicroBatch]) -> None:
@@ -237,7 +223,7 @@ class KFAC(CaptureOptimizer):
         self._add("inverse_updates", torch.ones((), dtype=torch.float64))
 
     # ------------------------------------------------------------------ preconditioning
-    def _precondition(self) -> None:
+    def _apply_inverses(self) -> None:
         vg_sum = None
         done: list[tuple[Tensor, Tensor | None, Tensor, float]] = []
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
