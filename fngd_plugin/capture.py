@@ -20,6 +20,7 @@ when it is garbage-collected. Nothing here knows about layer math or phases.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .samplers import sampler_meta
+
+
+MAX_PENDING = 64
 
 
 @dataclass
@@ -85,6 +89,7 @@ class ModuleCapture:
         self.seen_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._depth = 0
         self.root_mismatch = 0  # roots whose outputs had no tensor with the weights' batch size
+        self.dropped = 0
 
         ref = weakref.ref(self)
 
@@ -142,6 +147,13 @@ class ModuleCapture:
         if self._depth == 1:
             self.current = self._start_batch(module, args) if module.training else None
             if self.current is not None:
+                if len(self.pending) >= MAX_PENDING:  # forwards without step()/zero_grad(): do not hoard
+                    del self.pending[0]
+                    if not self.dropped:
+                        warnings.warn(f"fngd_plugin: {MAX_PENDING} training forwards without optimizer.step() or "
+                                      "zero_grad(); the oldest captured batches are being dropped (is the "
+                                      "optimizer still in use?)", RuntimeWarning, stacklevel=2)
+                    self.dropped += 1
                 self.pending.append(self.current)
 
     def _post(self, module: nn.Module, args: tuple, out: Any) -> None:

@@ -138,6 +138,7 @@ class FNGD(CaptureOptimizer):
         self._epoch = 0
         self._position = 0
         self._epoch_signalled = False
+        self._since_signal = 0  # batches since the host last signalled an epoch start
         self._next_ids: Tensor | None = None
         self._seen_ids = torch.zeros(0, dtype=torch.bool)
         self._counters["nc_min"].fill_(math.inf)
@@ -154,16 +155,35 @@ class FNGD(CaptureOptimizer):
         self._next_ids = ids.long()
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell FNGD a new epoch starts (0-based index). Resets the batch position to 0."""
+        """Tell FNGD that epoch ``epoch`` (0-based) starts now. Resets the batch position to 0."""
         check_number("epoch", epoch, minimum=0, integer=True)
-        if self.steps_per_epoch is not None and self._epoch_signalled and epoch == self._epoch + 1 \
-                and self._position != self.steps_per_epoch:
-            self._warn_once("epoch_length", f"FNGD: epoch {self._epoch} had {self._position} batches but "
-                            f"steps_per_epoch={self.steps_per_epoch}; pass steps_per_epoch={self._position}")
+        self._check_epoch_length()
         if epoch != self._epoch:
             self._end_epoch(self._epoch)
+        self._start_epoch(epoch)
+
+    def begin_epoch(self) -> None:
+        """Tell FNGD that a new epoch starts now (hosts that know epochs but not their index).
+
+        Nothing moves if no batch has run since the last epoch start (the first epoch, a resume)."""
+        if self._position == 0:
+            self._epoch_signalled = True
+            return
+        self._check_epoch_length()
+        self._end_epoch(self._epoch)
+        self._start_epoch(self._epoch + 1)
+
+    def _check_epoch_length(self) -> None:
+        if self.steps_per_epoch is not None and self._epoch_signalled and self._since_signal \
+                and self._since_signal != self.steps_per_epoch:
+            self._warn_once("epoch_length", f"FNGD: an epoch had {self._since_signal} batches but steps_per_epoch="
+                            f"{self.steps_per_epoch}; coefficients keyed by position were misaligned: pass "
+                            f"steps_per_epoch={self._since_signal} (or leave it out when the host signals epochs)")
+
+    def _start_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         self._position = 0
+        self._since_signal = 0
         self._epoch_signalled = True
         self._seen_ids.zero_()
 
@@ -206,6 +226,7 @@ class FNGD(CaptureOptimizer):
             "epoch": self._epoch,
             "position": self._position,
             "epoch_signalled": self._epoch_signalled,
+            "since_signal": self._since_signal,
             "steps_per_epoch": self.steps_per_epoch,
             "seen_ids": self._seen_ids.clone(),
             "counters": {k: v.detach().cpu().clone() for k, v in self._counters.items()},
@@ -222,6 +243,7 @@ class FNGD(CaptureOptimizer):
         self._epoch = int(extra["epoch"])
         self._position = int(extra["position"])
         self._epoch_signalled = bool(extra["epoch_signalled"])
+        self._since_signal = int(extra["since_signal"])
         if self.steps_per_epoch is None:
             self.steps_per_epoch = extra["steps_per_epoch"]
         self._seen_ids = extra["seen_ids"].clone()
@@ -290,6 +312,7 @@ class FNGD(CaptureOptimizer):
         self._advance(ids)
         position, epoch = self._position, self._epoch
         self._position += 1
+        self._since_signal += 1
         collect = self._is_collect(epoch) or self.store is None or self.store.empty
         mb = MicroBatch(position=position, epoch=epoch, collect=collect,
                         capture=collect or self.coefficients == "layer", ids=ids)

@@ -35,6 +35,18 @@ from .samplers import unsupported_reason
 INVERSE_METHODS = ("eigen", "cholesky")
 
 
+def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """eigh, retried in float64 with a tiny jitter: LAPACK can fail to converge on exactly
+    degenerate factors (a G of zeros behind a zero-initialised BatchNorm, say)."""
+    try:
+        return torch.linalg.eigh(M)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        M64 = M.to(torch.float64)
+        jitter = max(1e-10 * float(M64.diagonal().abs().mean()), 1e-30)
+        d, Q = torch.linalg.eigh(M64 + jitter * torch.eye(M.shape[0], dtype=torch.float64, device=M.device))
+        return (d - jitter).to(M.dtype), Q.to(M.dtype)
+
+
 class KFAC(CaptureOptimizer):
     """K-FAC with momentum SGD.
 
@@ -198,8 +210,8 @@ class KFAC(CaptureOptimizer):
             A, G = st["kfac_A"].to(dt), st["kfac_G"].to(dt)
             try:
                 if self.inverse == "eigen":
-                    dA, QA = torch.linalg.eigh(A)
-                    dG, QG = torch.linalg.eigh(G)
+                    dA, QA = _eigh(A)
+                    dG, QG = _eigh(G)
                     new = {"kfac_QA": QA, "kfac_dA": dA.clamp_min(0), "kfac_QG": QG, "kfac_dG": dG.clamp_min(0)}
                 else:
                     pi = 1.0

@@ -332,3 +332,15 @@ def test_max_update_norm_clips_the_direction(f64):
     assert float(steps[None].norm()) > 1e-3
     assert float(steps[1e-3].norm()) == pytest.approx(1e-3, rel=1e-9)
     assert torch.allclose(steps[1e-3] / 1e-3, steps[None] / steps[None].norm())
+
+
+def test_forwards_without_steps_do_not_hoard_activations():
+    from fngd_plugin.capture import MAX_PENDING
+
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off")
+    (x, y), _ = model.batch(4)
+    with pytest.warns(RuntimeWarning, match="without optimizer.step"):
+        for _ in range(MAX_PENDING + 5):
+            F.cross_entropy(model(x), y).backward()
+    assert len(opt._capture.pending) == MAX_PENDING

@@ -1,0 +1,260 @@
+"""timm plugin: registration and autoload, the train.py code path with timm's own building blocks,
+DDP, and end-to-end training on real digits. The real train.py runs when TIMM_TRAIN_PY points at it."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+import timm_ext  # noqa: E402
+from timm.data import create_dataset, create_loader  # noqa: E402
+from timm.optim import create_optimizer_v2, list_optimizers  # noqa: E402
+from timm.utils import CheckpointSaver, NativeScaler  # noqa: E402
+
+from fngd_plugin import FNGD, KFAC  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_py(code: str, env: dict | None = None) -> str:
+    """A fresh interpreter outside the repository (so only the installed project is visible)."""
+    e = {**os.environ, **(env or {})}
+    e.pop("PYTHONPATH", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd="/", env=e, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+# ------------------------------------------------------------------------------ registration / loading
+def test_fresh_interpreter_autoloads_the_plugin_without_torch_at_start():
+    out = run_py("import sys; before = 'torch' in sys.modules\n"
+                 "import timm.optim\n"
+                 "print(before, 'fngd' in timm.optim.list_optimizers(), 'kfac' in timm.optim.list_optimizers(),"
+                 " 'timm_ext' in sys.modules)")
+    assert out == "False True True True"
+
+
+def test_opt_out_and_device_modules_path():
+    code = ("import sys, timm.optim\nprint('fngd' in timm.optim.list_optimizers())\n"
+            "import importlib; importlib.import_module('timm_ext')\nprint('fngd' in timm.optim.list_optimizers())")
+    assert run_py(code, {"FNGD_PLUGIN_AUTOLOAD": "0"}).split() == ["False", "True"]
+
+
+def test_autoload_is_harmless_without_hosts():
+    # an interpreter that never imports a host is untouched apart from one finder entry
+    out = run_py("import sys, json; print('torch' in sys.modules, 'timm_ext' in sys.modules)")
+    assert out == "False False"
+
+
+def test_create_optimizer_v2_builds_fngd_and_kfac_with_timm_groups():
+    assert {"fngd", "kfac"} <= set(list_optimizers())
+    model = timm.create_model("cifar_resnet18", num_classes=10)
+    opt = create_optimizer_v2(model, opt="fngd", lr=0.1, weight_decay=5e-4, momentum=0.9, foreach=True,
+                              damping=0.5, coefficients="layer", reuse="position")
+    assert isinstance(opt, FNGD) and opt.damping == 0.5 and opt.coefficients == "layer"
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 5e-4]
+    assert not opt.coverage["uncovered"], opt.coverage["line"]
+    assert opt.coverage["covered"] == {"BatchNorm2d": 40, "Conv2d": 20, "Linear": 2}
+    kfac = create_optimizer_v2(model, opt="kfac", lr=0.1, weight_decay=0.0, momentum=0.9, damping=1e-2)
+    assert isinstance(kfac, KFAC) and kfac.damping == 1e-2
+    with pytest.raises(ValueError, match="reuse='bogus'"):
+        create_optimizer_v2(model, opt="fngd", lr=0.1, reuse="bogus")
+
+
+def test_cifar_resnet18_is_the_cifar_variant():
+    model = timm.create_model("cifar_resnet18", num_classes=100)
+    assert model.conv1.stride == (1, 1) and model.conv1.kernel_size == (3, 3)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.2e6, rel=0.01)
+
+
+# ------------------------------------------------------------------------------ data and loaders
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    from timm_ext.digits import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    counts = write_digits(out, size=16)
+    assert counts == {"train": 1438, "validation": 359}
+    return out
+
+
+def loaders(root, batch=64, size=16):
+    train = create_dataset("", root=str(root), split="train", is_training=True)
+    val = create_dataset("", root=str(root), split="validation")
+    common = dict(input_size=(3, size, size), mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0, use_prefetcher=False,
+                  device=torch.device("cpu"))
+    tl = create_loader(train, batch_size=batch, is_training=True, no_aug=True, **common)
+    vl = create_loader(val, batch_size=128, is_training=False, **common)
+    return tl, vl
+
+
+def test_training_loader_signals_epochs(digits_dir):
+    tl, vl = loaders(digits_dir)
+    steps = len(tl)
+    model = timm.create_model("test_resnet", num_classes=10)
+    opt = create_optimizer_v2(model, opt="fngd", lr=0.05, weight_decay=0.0)  # no steps_per_epoch given
+    for _ in range(2):
+        for x, y in tl:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for _ in vl:  # validation loaders say nothing
+        pass
+    s = opt.stats()
+    assert s["collect_steps"] == steps and s["phase"] == "reuse" and s["store_misses"] == 0
+    # a steps_per_epoch that disagrees with the real epoch is reported with the number to pass
+    del opt
+    gc.collect()
+    opt2 = create_optimizer_v2(model, opt="fngd", lr=0.05, steps_per_epoch=steps + 3)
+    with pytest.warns(RuntimeWarning, match=f"pass steps_per_epoch={steps}"):
+        for _ in range(2):
+            for x, y in tl:
+                opt2.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt2.step()
+
+
+# ------------------------------------------------------------------------------ the train.py path
+def train_epochs(model, opt, scaler, batches, accum, epochs, start=0, saver=None):
+    """train.py's inner loop: loss / accum, scaled backward, update every accum batches, zero_grad."""
+    for epoch in range(start, epochs):
+        if isinstance(opt, FNGD):
+            opt.begin_epoch()
+        opt.zero_grad()
+        for i, (x, y) in enumerate(batches):
+            need_update = (i + 1) % accum == 0 or i == len(batches) - 1
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1) / accum
+            scaler(loss, opt, clip_grad=5.0, parameters=model.parameters(), need_update=need_update)
+            if need_update:
+                opt.zero_grad()
+        if saver is not None:
+            saver.save_checkpoint(epoch, metric=float(epoch))
+
+
+def small_setup():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    opt = create_optimizer_v2(model, opt="fngd", lr=0.05, weight_decay=1e-4, momentum=0.9, reuse="position")
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    return model, opt, NativeScaler(device="cpu"), batches
+
+
+def test_checkpoint_saver_resume_continues_identically(tmp_path):
+    model, opt, scaler, batches = small_setup()
+    train_epochs(model, opt, scaler, batches, accum=2, epochs=3)
+    final = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, scaler, batches = small_setup()
+    saver = CheckpointSaver(model, opt, amp_scaler=scaler, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    train_epochs(model, opt, scaler, batches, accum=2, epochs=2, saver=saver)
+    assert opt.stats()["collect_steps"] == 4  # epoch 0: 4 micro-batches, each with its own coefficients
+
+    model2, opt2, scaler2, _ = small_setup()
+    start = timm.models.resume_checkpoint(model2, str(tmp_path / "checkpoint-1.pth.tar"), optimizer=opt2,
+                                          loss_scaler=scaler2, log_info=False)
+    assert start == 2 and opt2.stats()["stored"] == 32
+    train_epochs(model2, opt2, scaler2, batches, accum=2, epochs=3, start=start)
+    assert all(torch.equal(a, b) for a, b in zip(final, model2.parameters()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    # steps_per_epoch counts forward/backward passes: 2 optimizer steps of 2 micro-batches
+    opt = create_optimizer_v2(ddp, opt="fngd", lr=0.05, weight_decay=0.0, steps_per_epoch=4)
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own samples
+    for step in range(4):
+        opt.zero_grad()
+        for micro in range(2):  # accumulation with no_sync on the first micro-batch
+            x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
+            ctx = ddp.no_sync() if micro == 0 else torch.enable_grad()
+            with ctx:
+                (F.cross_entropy(ddp(x), y) / 2).backward()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.save({"flat": flat, "stats": opt.stats()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_stay_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["flat"], r1["flat"])
+    assert r0["stats"]["collect_steps"] == 4 and r0["stats"]["phase"] == "reuse"
+    assert torch.isfinite(r0["flat"]).all()
+
+
+# ------------------------------------------------------------------------------ end to end on digits
+def evaluate(model, vl) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in vl:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    model.train()
+    return correct / total
+
+
+@pytest.mark.parametrize("opt_name,lr", [("fngd", 0.1), ("kfac", 0.05), ("sgd", 0.1)])
+def test_digits_end_to_end(digits_dir, opt_name, lr):
+    tl, vl = loaders(digits_dir, batch=64)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    opt = create_optimizer_v2(model, opt=opt_name, lr=lr, weight_decay=1e-4, momentum=0.9)
+    losses = []
+    for _ in range(3):
+        total = 0.0
+        for x, y in tl:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        losses.append(total / len(tl))
+    acc = evaluate(model, vl)
+    print(f"{opt_name}: epoch losses {losses}, validation accuracy {acc:.3f}")
+    assert losses[-1] < losses[0]
+    if opt_name == "fngd":
+        assert acc > 0.6  # chance is 0.1
+        assert opt.stats()["phase"] == "reuse"
+
+
+@pytest.mark.skipif(not os.environ.get("TIMM_TRAIN_PY"), reason="set TIMM_TRAIN_PY=/path/to/timm/train.py")
+def test_real_train_py(digits_dir, tmp_path):
+    cmd = [sys.executable, os.environ["TIMM_TRAIN_PY"], "--data-dir", str(digits_dir), "--train-split", "train",
+           "--val-split", "validation", "--model", "test_resnet", "--num-classes", "10", "--input-size", "3", "16",
+           "16", "--opt", "fngd", "--lr", "0.1", "--epochs", "2", "--batch-size", "64", "--workers", "0",
+           "--no-prefetcher", "--device", "cpu", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5",
+           "--warmup-epochs", "0", "--output", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "Created TimmFNGD (fngd) optimizer" in log
+    assert "FNGD: collect epoch 0 done" in log
+    assert "Best metric" in log

@@ -1,0 +1,126 @@
+"""timm plugin: ``train.py --opt fngd`` and ``--opt kfac``, and a CIFAR-style ResNet-18.
+
+Imported automatically right after ``timm`` (see ``fngd_plugin_autoload``), or explicitly with
+train.py's ``--device-modules timm_ext``. On import it
+
+* registers ``fngd`` and ``kfac`` in timm's optimizer registry (``timm.optim.list_optimizers()``
+  lists them; ``create_optimizer_v2(model, opt="fngd", ...)`` builds them; FNGD's own options come
+  through ``--opt-kwargs damping=0.5 coefficients=layer reuse=position ...``);
+* makes every *training* loader that ``timm.data.create_loader`` builds tell the live FNGD
+  optimizers when a new epoch starts (train.py gives the optimizer no other sign of epochs, and
+  builds it before the loader), so ``reuse="position"`` needs no ``steps_per_epoch``; a
+  ``steps_per_epoch`` given by hand is checked against the real epoch length;
+* registers the model ``cifar_resnet18`` (3x3 stride-1 stem, no max-pool: the paper's setting).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from typing import Any
+
+import timm.data
+import timm.data.loader
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
+from timm.optim import OptimInfo
+from timm.optim._optim_factory import default_registry
+from torch import nn
+
+from fngd_plugin import FNGD, KFAC
+
+__all__ = ["TimmFNGD", "TimmKFAC", "register", "cifar_resnet18"]
+
+_logger = logging.getLogger("fngd_plugin")
+_live: weakref.WeakSet[FNGD] = weakref.WeakSet()
+
+
+class TimmFNGD(FNGD):
+    """FNGD as timm's factory builds it (``foreach`` accepted and ignored); epochs come from the loader."""
+
+    def __init__(self, params: Any, foreach: bool | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        _live.add(self)
+
+
+class TimmKFAC(KFAC):
+    """KFAC as timm's factory builds it (``foreach`` accepted and ignored)."""
+
+    def __init__(self, params: Any, foreach: bool | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+
+
+def _signal_new_epoch() -> None:
+    for opt in list(_live):
+        opt.begin_epoch()
+
+
+def _wrap_training_loader(loader: Any) -> Any:
+    """Give this loader instance a subclass whose __iter__ first announces a new epoch."""
+    base = type(loader)
+    if getattr(base, "_fngd_epoch_signal", False):
+        return loader
+
+    def __iter__(self):  # noqa: N807
+        _signal_new_epoch()
+        return base.__iter__(self)
+
+    loader.__class__ = type(base.__name__, (base,), {"__iter__": __iter__, "_fngd_epoch_signal": True})
+    return loader
+
+
+def _patch_create_loader() -> None:
+    original = timm.data.create_loader
+    if getattr(original, "_fngd_wrapped", False):
+        return
+
+    def create_loader(*args: Any, **kwargs: Any):
+        loader = original(*args, **kwargs)
+        is_training = kwargs.get("is_training", args[3] if len(args) > 3 else False)
+        return _wrap_training_loader(loader) if is_training else loader
+
+    create_loader._fngd_wrapped = True  # type: ignore[attr-defined]
+    create_loader.__doc__ = original.__doc__
+    timm.data.create_loader = create_loader
+    timm.data.loader.create_loader = create_loader
+    # --device-modules timm_ext runs after train.py bound the name: rebind it there too
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "create_loader", None) is original:
+        main.create_loader = create_loader
+
+
+@register_model
+def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool (as in the FNGD/KFAC papers' CIFAR runs)."""
+    if pretrained:
+        raise ValueError("cifar_resnet18 has no pretrained weights")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("cache_dir", None)
+    model = ResNet(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+    model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.default_cfg = model.pretrained_cfg = {
+        "input_size": (3, 32, 32), "num_classes": model.num_classes, "crop_pct": 1.0, "interpolation": "bilinear",
+        "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762), "first_conv": "conv1",
+        "classifier": "fc", "architecture": "cifar_resnet18",
+    }
+    return model
+
+
+def register() -> None:
+    """Idempotent: add fngd and kfac to timm's optimizer registry."""
+    default_registry.register(OptimInfo(
+        name="fngd", opt_class=TimmFNGD, has_eps=False, has_momentum=True,
+        description="Fast Natural Gradient Descent: damped NGD as a weighted sum of per-sample gradients, "
+                    "solved in the first epoch and reused (fngd-plugin)",
+    ))
+    default_registry.register(OptimInfo(
+        name="kfac", opt_class=TimmKFAC, has_eps=False, has_momentum=True,
+        description="K-FAC baseline on the same capture machinery (fngd-plugin)",
+    ))
+    _patch_create_loader()
+
+
+register()
