@@ -32,7 +32,6 @@ from torch.nn.modules import module as _module
 
 from .samplers import sampler_meta
 
-
 MAX_PENDING = 64
 
 

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
-import timm_ext  # noqa: E402
 from timm.data import create_dataset, create_loader  # noqa: E402
 from timm.optim import create_optimizer_v2, list_optimizers  # noqa: E402
 from timm.utils import CheckpointSaver, NativeScaler  # noqa: E402
@@ -187,7 +186,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     # steps_per_epoch counts forward/backward passes: 2 optimizer steps of 2 micro-batches
     opt = create_optimizer_v2(ddp, opt="fngd", lr=0.05, weight_decay=0.0, steps_per_epoch=4)
     g = torch.Generator().manual_seed(10 + rank)  # each rank its own samples
-    for step in range(4):
+    for _ in range(4):
         opt.zero_grad()
         for micro in range(2):  # accumulation with no_sync on the first micro-batch
             x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
