@@ -256,7 +256,8 @@ class CaptureOptimizer(torch.optim.Optimizer):
             dist.all_reduce(t)
             t.div_(world)
 
-    def _check_capture(self, per_mb: list[dict[int, list[PerSampleGrads]]], kappa: Tensor) -> None:
+    def _check_capture(self, per_mb: list[dict[int, list[PerSampleGrads]]], kappa: Tensor,
+                       tolerance: float = 1e-2) -> None:
         """Once: does every covered host gradient equal what the hooks saw? (catches uses outside forward)."""
         self._checked_capture = True
         seen: dict[int, tuple[Tensor, Tensor]] = {}
@@ -271,7 +272,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 continue
             ref = p.grad.to(torch.float64)
             err = float((ref - kappa * g.to(torch.float64)).norm() / ref.norm().clamp_min(1e-30))
-            if err > 1e-2 and float(ref.norm()) > 0:
+            if err > tolerance and float(ref.norm()) > 0:
                 bad.append(f"{tuple(p.shape)}: rel. error {err:.2g}")
         if bad:
             self._warn_once("capture", "FNGD: the host gradient of some covered parameters differs from what the "

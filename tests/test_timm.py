@@ -245,15 +245,25 @@ def test_digits_end_to_end(digits_dir, opt_name, lr):
 
 @pytest.mark.skipif(not os.environ.get("TIMM_TRAIN_PY"), reason="set TIMM_TRAIN_PY=/path/to/timm/train.py")
 def test_real_train_py(digits_dir, tmp_path):
-    cmd = [sys.executable, os.environ["TIMM_TRAIN_PY"], "--data-dir", str(digits_dir), "--train-split", "train",
-           "--val-split", "validation", "--model", "test_resnet", "--num-classes", "10", "--input-size", "3", "16",
-           "16", "--opt", "fngd", "--lr", "0.1", "--epochs", "2", "--batch-size", "64", "--workers", "0",
-           "--no-prefetcher", "--device", "cpu", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5",
-           "--warmup-epochs", "0", "--output", str(tmp_path)]
+    """The unmodified train.py: a plain run, then train.py's other modes, then --resume."""
+    base = [sys.executable, os.environ["TIMM_TRAIN_PY"], "--data-dir", str(digits_dir), "--model", "test_resnet",
+            "--num-classes", "10", "--input-size", "3", "16", "16", "--opt", "fngd", "--lr", "0.1",
+            "--batch-size", "64", "--workers", "0", "--no-prefetcher", "--device", "cpu", "--mean", "0.5", "0.5",
+            "0.5", "--std", "0.5", "0.5", "0.5", "--warmup-epochs", "0", "--output", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    log = res.stdout + res.stderr
-    assert "Created TimmFNGD (fngd) optimizer" in log
-    assert "FNGD: collect epoch 0 done" in log
-    assert "Best metric" in log
+
+    def run(*extra: str) -> str:
+        res = subprocess.run([*base, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout + res.stderr
+
+    log = run("--epochs", "2", "--experiment", "plain")
+    assert "Created TimmFNGD (fngd) optimizer" in log and "uncovered: none" in log
+    assert "FNGD: collect epoch 0 done" in log and "Best metric" in log
+    modes = ["--amp", "--amp-dtype", "bfloat16", "--grad-accum-steps", "2", "--model-ema", "--mixup", "0.2",
+             "--cutmix", "0.2", "--channels-last", "--clip-grad", "5"]
+    log = run("--epochs", "2", "--experiment", "modes", *modes)
+    assert "FNGD: collect epoch 0 done" in log and "differs from what the module hooks saw" not in log
+    log = run("--epochs", "3", "--experiment", "resumed", *modes, "--resume",
+              str(tmp_path / "modes" / "last.pth.tar"))
+    assert "Restoring optimizer state from checkpoint" in log and "collect epoch" not in log
