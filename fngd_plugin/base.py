@@ -177,7 +177,12 @@ class CaptureOptimizer(torch.optim.Optimizer):
         for module, calls in mb.calls.items():
             if not self._coverable(module):
                 continue
-            calls = [c for c in calls if c.delta is not None]
+            seen = [c for c in calls if c.delta is not None]
+            if len(seen) < len(calls) and any(p.grad is not None for p in module.parameters(recurse=False)):
+                self._warn_once(f"nodelta-{type(module).__name__}",
+                                f"{type(self).__name__}: a {type(module).__name__} received a gradient that its output "
+                                "hook never saw; that call is left out of the per-sample statistics")
+            calls = seen
             if not calls:
                 continue
             fn = find_sampler(module)

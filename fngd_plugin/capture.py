@@ -180,7 +180,15 @@ class ModuleCapture:
             call.delta = g if call.delta is None else call.delta + g
             mb.backward_seen = True
 
-        out.register_hook(on_grad)
+        base = out._base if out._is_view() else None
+        if base is not None and base.grad_fn is not None and base.numel() == out.numel() and base.is_contiguous():
+            # The output is a view (nn.Linear on a contiguous 3-D input returns one). An in-place op
+            # on a view re-bases its history and drops tensor hooks registered on it, so listen on
+            # the node that produced the base instead: it still runs, with the same gradient.
+            shape = out.shape
+            base.grad_fn.register_hook(lambda grad_inputs, grad_outputs: on_grad(grad_outputs[0].reshape(shape)))
+        else:
+            out.register_hook(on_grad)
 
     def _scale_root_outputs(self, mb: MicroBatch, module: nn.Module, out: Any) -> None:
         assert mb.reweight is not None

@@ -139,6 +139,7 @@ class FNGD(CaptureOptimizer):
         self._position = 0
         self._epoch_signalled = False
         self._since_signal = 0  # batches since the host last signalled an epoch start
+        self._ignore_next = False
         self._next_ids: Tensor | None = None
         self._seen_ids = torch.zeros(0, dtype=torch.bool)
         self._counters["nc_min"].fill_(math.inf)
@@ -301,8 +302,11 @@ class FNGD(CaptureOptimizer):
     def _unsupported(self, module: nn.Module) -> str | None:
         return unsupported_reason(module)
 
-    def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch:
+    def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch | None:
         ids, self._next_ids = self._next_ids, None
+        if self._ignore_next:
+            self._ignore_next = False
+            return None
         if self.reuse == "sample" and ids is None:
             raise ValueError("FNGD(reuse='sample') needs the batch's sample ids: call opt.set_sample_ids(ids) "
                              "before each forward, or use reuse='position'")

@@ -81,7 +81,26 @@ class LinearLN(nn.Module):
         return (torch.randn(n, 5), torch.randint(0, 3, (n,))), ce
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "embed_seq": EmbedSeq, "linear_ln": LinearLN}
+class SeqInplace(nn.Module):
+    """Linear on a contiguous 3-D input returns a view; an in-place op on it follows (fairseq's
+    `q *= scaling`), then a mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.q(x)
+        h *= 0.5
+        return self.out(torch.tanh(h).mean(1))
+
+    @staticmethod
+    def batch(n):
+        return (torch.randn(n, 6, 4), torch.randint(0, 3, (n,))), ce
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "embed_seq": EmbedSeq, "linear_ln": LinearLN, "seq_inplace": SeqInplace}
 
 
 def module_blocks(model: nn.Module) -> list[list[str]]:
