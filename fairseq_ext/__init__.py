@@ -198,4 +198,16 @@ def _patch_hosts() -> None:
     options.parse_args_and_arch = parse_args_and_arch
 
 
+def _allow_checkpoint_globals() -> None:
+    """torch >= 2.6 loads with weights_only=True; fairseq checkpoints pickle an argparse.Namespace.
+    Allow-list exactly what fairseq's own checkpoints contain instead of disabling the check."""
+    import argparse
+
+    import torch
+
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 _patch_hosts()
+_allow_checkpoint_globals()

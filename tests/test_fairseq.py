@@ -84,3 +84,88 @@ def test_collect_step_is_per_sentence_damped_ngd(f64):
     step = before - torch.cat([p.detach().reshape(-1) for p in params])
     assert float((step - expected).norm() / expected.norm()) < 1e-8
     assert fngd.stats()["tied_approximations"] == 0
+
+
+# ------------------------------------------------------------------------------ corpus and real CLIs
+PO = r'''msgid ""
+msgstr ""
+"Content-Type: text/plain; charset=UTF-8\n"
+
+#: a.py:1
+msgid "Save"
+msgstr "Speichern"
+
+#, fuzzy
+msgid "Delete"
+msgstr "Entfernen"
+
+msgid "One item"
+msgid_plural "%d items"
+msgstr[0] "Ein Eintrag"
+msgstr[1] "%d Einträge"
+
+msgid ""
+"A long sentence that "
+"continues with a \"quote\"."
+msgstr ""
+"Ein langer Satz, der "
+"mit einem \"Zitat\" weitergeht."
+
+msgid "Untranslated"
+msgstr ""
+
+#~ msgid "Old"
+#~ msgstr "Alt"
+'''
+
+
+def test_po_parser_takes_only_real_translations():
+    from fairseq_ext.corpus import parse_po
+
+    assert parse_po(PO) == [("Save", "Speichern"),
+                            ('A long sentence that continues with a "quote".',
+                             'Ein langer Satz, der mit einem "Zitat" weitergeht.')]
+
+
+def cli(module: str, *args: str, timeout: int = 600) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed project, as users run it
+    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                         env=env, cwd="/")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    log = cli("fairseq_ext.corpus", str(out))
+    assert "train" in log
+    counts = [len((out / "raw" / f"{s}.en").read_text().splitlines()) for s in ("train", "valid", "test")]
+    assert counts[0] > 5000 and counts[1] > 200 and counts[2] > 200  # real translator-written pairs
+    return out
+
+
+def test_real_fairseq_train_and_generate(corpus, tmp_path):
+    arch = ["--task", "translation", "-s", "de", "-t", "en", "--arch", "transformer", "--encoder-layers", "1",
+            "--decoder-layers", "1", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+            "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
+            "--decoder-attention-heads", "2", "--share-all-embeddings", "--dropout", "0.1", "--cpu", "--seed", "1"]
+    log = cli("fairseq_cli.train", str(corpus / "bin"), *arch, "--criterion", "label_smoothed_cross_entropy",
+              "--label-smoothing", "0.1", "--optimizer", "fngd", "--lr", "0.5", "--max-tokens", "2000",
+              "--max-epoch", "2", "--save-dir", str(tmp_path), "--no-progress-bar", "--num-workers", "0",
+              "--required-batch-size-multiple", "1", "--no-epoch-checkpoints")
+    assert "uncovered: none" in log and "FNGD: collect epoch 0 done" in log
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines()
+              if "| train | epoch" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    out = cli("fairseq_cli.generate", str(corpus / "bin"), "-s", "de", "-t", "en", "--path",
+              str(tmp_path / "checkpoint_best.pt"), "--gen-subset", "test", "--beam", "2", "--batch-size", "64",
+              "--remove-bpe", "sentencepiece", "--scoring", "sacrebleu", "--required-batch-size-multiple", "1",
+              "--cpu")
+    n_test = len((corpus / "raw" / "test.en").read_text().splitlines())
+    assert sum(1 for line in out.splitlines() if line.startswith("H-")) == n_test  # no sentence dropped
+    assert "BLEU" in out
