@@ -104,6 +104,11 @@ class _Wrapped(FairseqOptimizer):
         super().__init__(cfg)
         params = list(params)
         self._optimizer = self.core(params, **self.optimizer_config)
+        if not self._optimizer.coverage["covered"]:
+            raise ValueError(
+                f"--optimizer {self.core.__name__.lower()}: fairseq handed it parameters that no model module owns "
+                "(--fp16 and --memory-efficient-fp16 give the optimizer fp32 copies of the model's parameters); "
+                "it needs the model's own parameters: use --amp for mixed precision")
         prepare_models(self._optimizer, params)
 
     @property

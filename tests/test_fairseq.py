@@ -169,3 +169,12 @@ def test_real_fairseq_train_and_generate(corpus, tmp_path):
     n_test = len((corpus / "raw" / "test.en").read_text().splitlines())
     assert sum(1 for line in out.splitlines() if line.startswith("H-")) == n_test  # no sentence dropped
     assert "BLEU" in out
+
+
+def test_fp16_copies_give_a_clear_error():
+    import torch as t
+
+    cfg, task, model, criterion, batch = setup(["--optimizer", "fngd", "--lr", "0.1"])
+    copies = [t.nn.Parameter(p.detach().clone()) for p in model.parameters()]  # what --fp16 hands over
+    with pytest.raises(ValueError, match="use --amp"):
+        build_optimizer(cfg.optimizer, copies)
