@@ -181,3 +181,29 @@ def test_fp16_copies_give_a_clear_error():
     copies = [t.nn.Parameter(p.detach().clone()) for p in model.parameters()]  # what --fp16 hands over
     with pytest.raises(ValueError, match="use --amp"):
         build_optimizer(cfg.optimizer, copies)
+
+
+TINY = ["--task", "translation", "-s", "de", "-t", "en", "--arch", "transformer", "--encoder-layers", "1",
+        "--decoder-layers", "1", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+        "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
+        "--decoder-attention-heads", "2", "--share-all-embeddings", "--dropout", "0.1", "--cpu", "--seed", "1",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "2000",
+        "--no-progress-bar", "--num-workers", "0", "--required-batch-size-multiple", "1", "--no-save"]
+
+
+@pytest.mark.parametrize("opt_args", [
+    ["--optimizer", "kfac", "--lr", "0.05", "--kfac-damping", "0.01", "--clip-norm", "1.0"],
+    ["--optimizer", "adam", "--lr", "0.001", "--adam-betas", "(0.9, 0.98)"],
+    ["--optimizer", "fngd", "--lr", "0.25", "--update-freq", "2", "--clip-norm", "1.0", "--reuse", "position"],
+], ids=["kfac", "adam", "fngd-update-freq-2-position"])
+def test_real_fairseq_train_other_optimizers(corpus, tmp_path, opt_args):
+    log = cli("fairseq_cli.train", str(corpus / "bin"), *TINY, *opt_args, "--max-epoch", "2",
+              "--save-dir", str(tmp_path))
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| train | epoch" in line]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    if "fngd" in opt_args:
+        # every micro-batch of epoch 1 solved on its own; the epoch's batches are counted by position
+        solves = int(log.split("FNGD: collect epoch 0 done: ")[1].split()[0])
+        updates = int([ln for ln in log.splitlines() if "| train | epoch 001" in ln][0]
+                      .split("num_updates ")[1].split()[0])
+        assert updates * 2 - 1 <= solves <= updates * 2
