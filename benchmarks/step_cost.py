@@ -277,7 +277,7 @@ def main() -> None:
               f"left to SGD (the Transformer's 8000-way output projection).", ""]
     sections = []
     for task in args.tasks.split(","):
-        coefficients = ["network", "layer"] if task == "transformer" else ["network", "layer"]
+        coefficients = ["network", "layer"]
         names = list(optimizers(coefficients))
         log(f"timing {task}")
         times = time_steps(task, sizes[task], args.device, names, rounds, 2, coefficients, log)

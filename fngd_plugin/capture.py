@@ -85,7 +85,6 @@ class ModuleCapture:
         self.batch_dims: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self.pending: list[MicroBatch] = []
         self.current: MicroBatch | None = None
-        self.seen_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._depth = 0
         self.root_mismatch = 0  # roots whose outputs had no tensor with the weights' batch size
         self.dropped = 0
@@ -107,9 +106,6 @@ class ModuleCapture:
             _module.register_module_forward_hook(post, always_call=True),
         ]
         weakref.finalize(self, _remove_all, list(self._handles))
-
-    def remove(self) -> None:
-        _remove_all(self._handles)
 
     # ------------------------------------------------------------------ ownership
     def owned_params(self, module: nn.Module) -> list[tuple[str, Tensor]]:
@@ -174,7 +170,6 @@ class ModuleCapture:
             return
         call = Call(args[0].detach(), sampler_meta(module))
         mb.calls.setdefault(module, []).append(call)
-        self.seen_modules.add(module)
 
         def on_grad(g: Tensor) -> None:
             call.delta = g if call.delta is None else call.delta + g

@@ -386,8 +386,9 @@ class FNGD(CaptureOptimizer):
                 budget = self.keep_per_sample
                 K = None
                 for reps in blocks.values():
-                    keep = len(reps) == 1 and reps[0].cache_size() <= budget
-                    budget -= reps[0].cache_size() if keep else 0
+                    size = reps[0].cache_size()
+                    keep = len(reps) == 1 and 0 < size <= budget
+                    budget -= size if keep else 0
                     Kb = self._block_gram(reps, keep=keep)
                     K = Kb if K is None else K + Kb
                 c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)

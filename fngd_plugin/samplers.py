@@ -61,8 +61,8 @@ class PerSampleGrads:
         raise NotImplementedError
 
     def cache_size(self) -> int:
-        """Elements that gram(keep=True) would keep if it materialises."""
-        return self.n * sum(p.numel() for p in self.params)
+        """Elements gram(keep=True) may keep for weighted() (0: this type never keeps any)."""
+        return 0
 
     def _cached_weighted(self, w: Tensor) -> list[Tensor] | None:
         if self._cache is None:
@@ -142,7 +142,7 @@ class FactoredGrads(PerSampleGrads):
         self.n = A.shape[0]
 
     def gram(self, keep: bool = False) -> Tensor:
-        # keep is ignored: the weighted sum is one GEMM, cheaper than keeping n per-sample gradients
+        # never keeps: the weighted sum is one GEMM, cheaper than keeping n per-sample gradients
         n, T, p = self.A.shape
         q = self.D.shape[-1]
         if T == 1 or _use_token_route(n, T, p, q):
@@ -287,6 +287,9 @@ class ConvGrads(PerSampleGrads):
         if len(As) == 1:
             return As[0], Ds[0]
         return torch.cat(As, dim=1), torch.cat(Ds, dim=1)
+
+    def cache_size(self) -> int:
+        return self.n * sum(p.numel() for p in self.params)
 
     def _tokens(self) -> int:
         return sum(d.shape[2] * d.shape[3] for _, d in self.calls)
