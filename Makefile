@@ -12,7 +12,7 @@ venv: $(STAMP)
 # compiles against that torch and therefore needs --no-build-isolation, then this project.
 # A regular (not editable) install: the .pth that loads the plugins into timm and fairseq only
 # ships that way. Sources are listed so that an edit reinstalls (pure Python, seconds).
-SOURCES := $(wildcard fngd_plugin/*.py timm_ext/*.py fairseq_ext/*.py) fngd_plugin_autoload.py fngd-plugin.pth setup.py
+SOURCES := $(wildcard fngd_plugin/*.py timm_ext/*.py fairseq_ext/*.py slurm/*.py slurm/*.sh slurm/presets/*.toml analysis/*.py) fngd_plugin_autoload.py fngd-plugin.pth setup.py
 
 $(STAMP): pyproject.toml Makefile $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile $(SOURCES)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q cython wheel numpy
 	$(PIP) install -q --no-build-isolation fairseq-fixed==0.12.3.1
-	$(PIP) install -q '.[timm,fairseq,dev]'
+	$(PIP) install -q '.[timm,fairseq,sweep,analysis,dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

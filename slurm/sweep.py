@@ -1,0 +1,365 @@
+"""Sweep files: what to run, expanded into runs.
+
+A sweep is one TOML file. Every list among an optimizer's options is a grid axis; ``seeds``
+multiplies everything::
+
+    name = "default"                 # results: <out>/<name>/runs/<run id>/
+    out = "results"                  # relative paths: to the directory the command runs in
+    seeds = [0, 1]
+
+    [executor]
+    kind = "local"                   # local | slurm
+    max_parallel = 2                 # local: runs at once; slurm: job-array parallelism cap
+    threads = 1                      # torch CPU threads per run (local)
+
+    [resources]                      # SLURM; a task's [tasks.X.resources] overrides keys
+    partition = "gpu"
+    gpus = 1                         # per run: torchrun (timm) / fairseq's own spawn when > 1
+    cpus = 8
+    mem_gb = 32
+    time_min = 120
+    extra = { account = "lab", qos = "normal", constraint = "a100" }   # any sbatch option
+
+    [tasks.digits]
+    kind = "timm"                    # timm | fairseq
+    data = "data/digits"
+    prepare = ["python", "-m", "timm_ext.digits", "{data}", "--size", "16"]   # run if data is missing
+    epochs = 6                       # budget: epochs, and optionally max_time_min
+    args = { model = "cifar_resnet18_w16", img_size = 16 }                   # python -m timm_ext.train options
+
+    [tasks.digits.optimizers.fngd]
+    lr = [0.1, 0.05]
+    damping = 1.0
+
+Task kinds: ``timm`` runs ``python -m timm_ext.train`` (``args``: its options), ``fairseq`` runs
+``python -m fairseq_ext.translate`` (``args``: fairseq-train options). Optimizer names are the
+host's: timm's registry (fngd, kfac, sgd, momentum, adamw, ...) and fairseq's (fngd, kfac, adam,
+sgd, nag, ...; ``adamw`` means fairseq's adam, which decouples weight decay). Every error names
+the file, the key and what is allowed, before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TASK_KINDS = ("timm", "fairseq")
+EXECUTORS = ("local", "slurm")
+TOP_KEYS = {"name", "out", "seeds", "executor", "resources", "tasks"}
+EXECUTOR_KEYS = {"kind", "max_parallel", "threads"}
+RESOURCE_KEYS = {"partition", "gpus", "cpus", "mem_gb", "time_min", "extra"}
+TASK_KEYS = {"kind", "data", "prepare", "epochs", "max_time_min", "args", "optimizers", "resources"}
+# what the timm runner takes as its own flags; other optimizer options go to --opt-kwargs
+TIMM_OPT_FLAGS = ("lr", "momentum", "weight_decay")
+FAIRSEQ_ALIASES = {"adamw": "adam"}
+
+
+class SweepError(ValueError):
+    """A problem with a sweep file, naming the file and the key."""
+
+
+@dataclass
+class Resources:
+    partition: str | None = None
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    id: str
+    task: str
+    kind: str
+    optimizer: str
+    hparams: dict[str, Any]
+    seed: int
+    command: list[str]
+    dir: Path
+    resources: Resources
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "task": self.task, "kind": self.kind, "optimizer": self.optimizer,
+                "hparams": self.hparams, "seed": self.seed, "command": self.command, "dir": str(self.dir),
+                "resources": vars(self.resources), "config": self.config}
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    data: Path
+    prepare: list[str] | None
+    epochs: int
+    max_time_min: float | None
+    args: dict[str, Any]
+    optimizers: dict[str, dict[str, Any]]
+    resources: Resources
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    out: Path
+    seeds: list[int]
+    executor: str
+    max_parallel: int
+    threads: int | None
+    tasks: dict[str, Task]
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.out / self.name
+
+
+# ----------------------------------------------------------------------------------------- loading
+PRESETS = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
+def load(path: str | Path, executor: str | None = None) -> Sweep:
+    """Parse, check and expand a sweep file (or a preset's name). ``executor`` overrides
+    [executor].kind. Relative paths in the file are relative to the current directory."""
+    path = Path(path)
+    if not path.exists() and (PRESETS / f"{path}.toml").exists():
+        path = PRESETS / f"{path}.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"{path}: no such sweep file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{path}: not valid TOML ({e})") from None
+    err = _Errors(path)
+    err.keys("", raw, TOP_KEYS)
+    name = err.typed("name", raw.get("name", path.stem), str)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        err.fail("name", f"{name!r} may only hold letters, digits, '_', '.', '-'")
+    out = Path(err.typed("out", raw.get("out", "results"), str)).absolute()
+    seeds = raw.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        err.fail("seeds", f"{seeds!r}: expected a non-empty list of integers")
+    ex = err.typed("executor", raw.get("executor", {}), dict)
+    err.keys("executor", ex, EXECUTOR_KEYS)
+    kind = executor or ex.get("kind", "local")
+    if kind not in EXECUTORS:
+        err.fail("executor.kind", f"{kind!r}: allowed {', '.join(EXECUTORS)}")
+    max_parallel = err.positive_int("executor.max_parallel", ex.get("max_parallel", 1))
+    threads = ex.get("threads")
+    if threads is not None:
+        threads = err.positive_int("executor.threads", threads)
+    base_res = _resources(err, "resources", err.typed("resources", raw.get("resources", {}), dict), Resources())
+    tasks_raw = err.typed("tasks", raw.get("tasks"), dict)
+    if not tasks_raw:
+        err.fail("tasks", "no tasks: add a [tasks.NAME] table")
+    tasks = {t: _task(err, t, spec, base_res) for t, spec in tasks_raw.items()}
+    sweep = Sweep(path=path, name=name, out=out, seeds=seeds, executor=kind, max_parallel=max_parallel,
+                  threads=threads, tasks=tasks)
+    sweep.runs = expand(sweep)
+    return sweep
+
+
+class _Errors:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, message: str):
+        raise SweepError(f"{self.path}: {key}: {message}")
+
+    def keys(self, where: str, table: dict, allowed: set[str]) -> None:
+        for k in table:
+            if k not in allowed:
+                self.fail(f"{where}.{k}" if where else k, f"unknown key; allowed: {', '.join(sorted(allowed))}")
+
+    def typed(self, key: str, value: Any, kind: type) -> Any:
+        if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(key, f"{value!r}: expected {kind.__name__}")
+        return value
+
+    def positive_int(self, key: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            self.fail(key, f"{value!r}: expected an integer >= 1")
+        return value
+
+
+def _resources(err: _Errors, where: str, table: dict, base: Resources) -> Resources:
+    err.keys(where, table, RESOURCE_KEYS)
+    res = Resources(**{**vars(base), "extra": dict(base.extra)})
+    if "partition" in table:
+        res.partition = err.typed(f"{where}.partition", table["partition"], str)
+    if "gpus" in table:
+        g = table["gpus"]
+        if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= 64:
+            err.fail(f"{where}.gpus", f"{g!r}: expected an integer from 0 to 64 (GPUs per run, on one node)")
+        res.gpus = g
+    if "cpus" in table:
+        res.cpus = err.positive_int(f"{where}.cpus", table["cpus"])
+    if "mem_gb" in table:
+        m = table["mem_gb"]
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or m <= 0:
+            err.fail(f"{where}.mem_gb", f"{m!r}: expected a number > 0")
+        res.mem_gb = float(m)
+    if "time_min" in table:
+        res.time_min = err.positive_int(f"{where}.time_min", table["time_min"])
+    if "extra" in table:
+        res.extra.update(err.typed(f"{where}.extra", table["extra"], dict))
+    return res
+
+
+def _task(err: _Errors, name: str, spec: Any, base_res: Resources) -> Task:
+    where = f"tasks.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+        err.fail(where, "task names may only hold letters, digits, '_', '.'")
+    spec = err.typed(where, spec, dict)
+    err.keys(where, spec, TASK_KEYS)
+    kind = spec.get("kind")
+    if kind not in TASK_KINDS:
+        err.fail(f"{where}.kind", f"{kind!r}: allowed {', '.join(TASK_KINDS)}")
+    data = err.typed(f"{where}.data", spec.get("data"), str)
+    prepare = spec.get("prepare")
+    if prepare is not None and not (isinstance(prepare, list) and prepare and all(isinstance(a, str) for a in prepare)):
+        err.fail(f"{where}.prepare", f"{prepare!r}: expected a command as a list of strings")
+    epochs = err.positive_int(f"{where}.epochs", spec.get("epochs"))
+    max_time = spec.get("max_time_min")
+    if max_time is not None and (not isinstance(max_time, (int, float)) or max_time <= 0):
+        err.fail(f"{where}.max_time_min", f"{max_time!r}: expected a number > 0")
+    args = err.typed(f"{where}.args", spec.get("args", {}), dict)
+    opts = err.typed(f"{where}.optimizers", spec.get("optimizers"), dict)
+    if not opts:
+        err.fail(f"{where}.optimizers", "no optimizers: add [tasks.NAME.optimizers.fngd] (or another)")
+    known = _known_optimizers(kind)
+    for opt, hp in opts.items():
+        if opt not in known:
+            err.fail(f"{where}.optimizers.{opt}", f"unknown {kind} optimizer; allowed: {', '.join(sorted(known))}")
+        err.typed(f"{where}.optimizers.{opt}", hp, dict)
+        for k, v in hp.items():
+            if kind == "fairseq":
+                fields = known[opt]
+                if k not in fields:
+                    err.fail(f"{where}.optimizers.{opt}.{k}",
+                             f"not an option of fairseq's {opt}; allowed: {', '.join(sorted(fields))}")
+            for value in v if isinstance(v, list) else [v]:
+                if isinstance(value, (dict, list)):
+                    err.fail(f"{where}.optimizers.{opt}.{k}", f"{value!r}: expected a value or a list of values")
+            if isinstance(v, list) and not v:
+                err.fail(f"{where}.optimizers.{opt}.{k}", "an empty list gives no runs")
+    if kind == "timm" and "--data" in args:
+        err.fail(f"{where}.args", "set data with the task's data key")
+    res = _resources(err, f"{where}.resources", err.typed(f"{where}.resources", spec.get("resources", {}), dict),
+                     base_res)
+    return Task(name=name, kind=kind, data=Path(data).absolute(),
+                prepare=prepare, epochs=epochs, max_time_min=max_time, args=args, optimizers=opts, resources=res)
+
+
+def _known_optimizers(kind: str) -> dict[str, set[str]]:
+    """Optimizer names the host knows (and, for fairseq, each one's option names)."""
+    if kind == "timm":
+        import timm.optim
+
+        import timm_ext  # noqa: F401
+
+        return {n: set() for n in timm.optim.list_optimizers()}
+    from fairseq.optim import OPTIMIZER_REGISTRY
+
+    from fairseq_ext.translate import optimizer_options
+
+    out = {n: optimizer_options(n) for n in OPTIMIZER_REGISTRY}
+    for alias, real in FAIRSEQ_ALIASES.items():
+        if real in out:
+            out[alias] = out[real]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- expansion
+def _flags(options: dict[str, Any]) -> list[str]:
+    """{"max_tokens": 2000, "share_all_embeddings": true} -> ["--max-tokens", "2000", "--share-all-embeddings"]."""
+    out: list[str] = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif v is False or v is None:
+            continue
+        elif isinstance(v, list):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, v if isinstance(v, str) else json.dumps(v)]
+    return out
+
+
+def _label(hp: dict[str, Any]) -> str:
+    parts = [f"{k}{v}" for k, v in hp.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]", "", "-".join(parts))[:80]
+
+
+def expand(sweep: Sweep) -> list[Run]:
+    runs = []
+    for task in sweep.tasks.values():
+        for opt, grid in task.optimizers.items():
+            axes = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+            for values in itertools.product(*axes.values()):
+                hp = dict(zip(axes, values))
+                for seed in sweep.seeds:
+                    runs.append(_run(sweep, task, opt, hp, seed))
+    ids = [r.id for r in runs]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        raise SweepError(f"{sweep.path}: two runs share an id ({sorted(dup)[0]}); make the grids distinct")
+    return runs
+
+
+def _run(sweep: Sweep, task: Task, opt: str, hp: dict[str, Any], seed: int) -> Run:
+    config = {"sweep": sweep.name, "task": task.name, "kind": task.kind, "data": str(task.data),
+              "epochs": task.epochs, "max_time_min": task.max_time_min, "args": task.args, "optimizer": opt,
+              "hparams": hp, "seed": seed, "gpus": task.resources.gpus}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:6]
+    run_id = f"{task.name}-{opt}-{_label(hp)}-s{seed}-{digest}".replace("--", "-")
+    run_dir = sweep.root / "runs" / run_id
+    py = [sys.executable]
+    if task.kind == "timm":
+        flags = {k: v for k, v in hp.items() if k in TIMM_OPT_FLAGS}
+        kwargs = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in hp.items()
+                  if k not in TIMM_OPT_FLAGS]
+        body = ["timm_ext.train", "--data", str(task.data), "--out", str(run_dir), "--opt", opt, "--seed", str(seed),
+                "--epochs", str(task.epochs), "--task", task.name, "--run-name", run_id, *_flags(flags),
+                *_flags(task.args)]
+        if kwargs:
+            body += ["--opt-kwargs", *kwargs]
+        if task.max_time_min:
+            body += ["--max-time-min", str(task.max_time_min)]
+        if sweep.threads and "threads" not in task.args:
+            body += ["--threads", str(sweep.threads)]
+        if task.resources.gpus > 1:
+            command = [*py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                       str(task.resources.gpus), "-m", *body]
+        else:
+            command = [*py, "-m", *body]
+    else:
+        train = ["--optimizer", FAIRSEQ_ALIASES.get(opt, opt), *_flags(hp), "--max-epoch", str(task.epochs),
+                 *_flags(task.args)]
+        if task.max_time_min:
+            train += ["--stop-time-hours", str(task.max_time_min / 60)]
+        if task.resources.gpus > 1:  # fairseq spawns one worker per GPU itself
+            train += ["--distributed-world-size", str(task.resources.gpus)]
+        command = [*py, "-m", "fairseq_ext.translate", str(task.data), "--out", str(run_dir), "--seed", str(seed),
+                   "--task-name", task.name, "--run-name", run_id, "--optimizer-label", opt, "--", *train]
+    return Run(id=run_id, task=task.name, kind=task.kind, optimizer=opt, hparams=hp, seed=seed, command=command,
+               dir=run_dir, resources=task.resources, config=config)
