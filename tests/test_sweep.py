@@ -1,0 +1,240 @@
+"""fngd_slurm sweeps with the local executor: checks before anything runs, the plan, real runs of
+python -m timm_ext.train on real digits, skipping done runs, and resuming a killed run to the same
+numbers as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+from fngd_slurm import sweep as sw  # noqa: E402
+
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed project, as users run it
+
+
+def cli(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "fngd_slurm", *args], capture_output=True, text=True, cwd=cwd,
+                         env=ENV, timeout=timeout)
+    if check:
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    subprocess.run([sys.executable, "-m", "timm_ext.digits", str(out), "--size", "16"], check=True, env=ENV,
+                   capture_output=True)
+    return out
+
+
+def write(tmp_path: Path, body: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def timm_sweep(tmp_path: Path, digits: Path, name: str, optimizers: str, epochs: int = 2) -> Path:
+    return write(tmp_path, f"""
+        name = "{name}"
+        out = "{tmp_path / 'results'}"
+        seeds = [0]
+        [executor]
+        max_parallel = 2
+        threads = 1
+        [tasks.digits]
+        kind = "timm"
+        data = "{digits}"
+        epochs = {epochs}
+        args = {{ model = "test_resnet", img_size = 16, batch_size = 128 }}
+        {optimizers}
+        """, name=f"{name}.toml")
+
+
+# ----------------------------------------------------------------------------------------- checks
+BAD = [
+    ("colour = 1\n[tasks.a]\nkind='timm'\n", "colour: unknown key; allowed:"),
+    ("[tasks.a]\nkind='jax'\ndata='.'\nepochs=1\n", "tasks.a.kind: 'jax': allowed timm, fairseq"),
+    ("[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n[tasks.a.optimizers.lbfgsx]\nlr=1\n",
+     "tasks.a.optimizers.lbfgsx: unknown timm optimizer; allowed:"),
+    ("[tasks.a]\nkind='timm'\ndata='.'\nepochs=0\n[tasks.a.optimizers.fngd]\nlr=1\n",
+     "tasks.a.epochs: 0: expected an integer >= 1"),
+    ("[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n[tasks.a.resources]\ngpus=-1\n[tasks.a.optimizers.fngd]\nlr=1\n",
+     "tasks.a.resources.gpus: -1: expected an integer from 0 to 64"),
+    ("[executor]\nkind='cloud'\n[tasks.a]\nkind='timm'\n", "executor.kind: 'cloud': allowed local, slurm"),
+    ("[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n[tasks.a.optimizers.fngd]\nlr=[]\n",
+     "tasks.a.optimizers.fngd.lr: an empty list gives no runs"),
+    ("[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n[tasks.a.resources]\nmemory=3\n[tasks.a.optimizers.fngd]\nlr=1\n",
+     "tasks.a.resources.memory: unknown key; allowed: cpus, extra, gpus, mem_gb, partition, time_min"),
+    ("seeds = 3\n[tasks.a]\nkind='timm'\n", "seeds: 3: expected a non-empty list of integers"),
+    ("name = 'a'\n[tasks", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_sweep_files_name_file_key_and_allowed_values(tmp_path, body, message):
+    path = write(tmp_path, body)
+    with pytest.raises(sw.SweepError) as e:
+        sw.load(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_fairseq_optimizer_options_are_checked(tmp_path):
+    pytest.importorskip("fairseq")
+    path = write(tmp_path, "[tasks.t]\nkind='fairseq'\ndata='.'\nepochs=1\n[tasks.t.optimizers.fngd]\ndampng=1\n")
+    with pytest.raises(sw.SweepError, match=r"tasks.t.optimizers.fngd.dampng: not an option of fairseq's fngd; "
+                                            r"allowed: .*damping"):
+        sw.load(path)
+
+
+def test_grid_expansion_ids_and_launch_commands(tmp_path):
+    path = write(tmp_path, """
+        seeds = [0, 1, 2]
+        [resources]
+        gpus = 2
+        [tasks.img]
+        kind = "timm"
+        data = "d"
+        epochs = 3
+        [tasks.img.optimizers.fngd]
+        lr = [0.1, 0.2]
+        damping = [1.0, 0.1]
+        coefficients = "layer"
+        [tasks.img.optimizers.sgd]
+        lr = 0.1
+        """)
+    s = sw.load(path)
+    assert len(s.runs) == (2 * 2 + 1) * 3 and len({r.id for r in s.runs}) == len(s.runs)
+    fngd = [r for r in s.runs if r.optimizer == "fngd"]
+    assert {(r.hparams["lr"], r.hparams["damping"], r.seed) for r in fngd} == {
+        (lr, d, seed) for lr in (0.1, 0.2) for d in (1.0, 0.1) for seed in (0, 1, 2)}
+    cmd = fngd[0].command
+    # two GPUs per run: one process per GPU through torchrun; FNGD's own options through --opt-kwargs
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert cmd[cmd.index("--opt-kwargs") + 1:] == ["damping=1.0", "coefficients=layer"]
+    # a changed task setting gives new run directories: earlier results are never overwritten
+    path.write_text(path.read_text().replace("epochs = 3", "epochs = 4"))
+    assert not {r.id for r in s.runs} & {r.id for r in sw.load(path).runs}
+
+
+def test_fairseq_launch_uses_fairseqs_own_distributed_spawn(tmp_path):
+    pytest.importorskip("fairseq")
+    path = write(tmp_path, """
+        [tasks.mt]
+        kind = "fairseq"
+        data = "bin"
+        epochs = 5
+        max_time_min = 30
+        args = { arch = "transformer", share_all_embeddings = true }
+        resources = { gpus = 4 }
+        [tasks.mt.optimizers.adamw]
+        lr = 0.001
+        """)
+    (run,) = sw.load(path).runs
+    cmd = run.command
+    train = cmd[cmd.index("--") + 1:]
+    assert cmd[1:3] == ["-m", "fairseq_ext.translate"] and "--optimizer-label" in cmd
+    assert train[:4] == ["--optimizer", "adam", "--lr", "0.001"]  # adamw = fairseq's adam (decoupled decay)
+    assert "--distributed-world-size" in train and train[train.index("--distributed-world-size") + 1] == "4"
+    assert "--share-all-embeddings" in train and train[train.index("--stop-time-hours") + 1] == "0.5"
+
+
+def test_missing_data_is_an_error_before_anything_runs(tmp_path):
+    path = write(tmp_path, f"""
+        out = "{tmp_path / 'results'}"
+        [tasks.img]
+        kind = "timm"
+        data = "{tmp_path / 'nowhere'}"
+        epochs = 1
+        [tasks.img.optimizers.sgd]
+        lr = 0.1
+        """)
+    res = cli(str(path), cwd=tmp_path, check=False)
+    assert res.returncode == 2
+    assert f"tasks.img.data: {tmp_path / 'nowhere'} does not exist, and the task has no prepare command" in res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------------------- real runs
+def records(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in root.glob("runs/*/record.json")}
+
+
+def test_local_sweep_runs_skips_done_and_relaunches_only_unfinished(tmp_path, digits):
+    path = timm_sweep(tmp_path, digits, "a", """
+        [tasks.digits.optimizers.fngd]
+        lr = 0.1
+        [tasks.digits.optimizers.sgd]
+        lr = 0.1
+        """)
+    plan = cli(str(path), "--dry-run", cwd=tmp_path).stdout
+    assert "2 runs" in plan and "2 to launch" in plan and plan.count("-m timm_ext.train") == 2
+    assert not (tmp_path / "results").exists()  # a dry run launches and writes nothing
+
+    out = cli(str(path), cwd=tmp_path).stdout
+    assert "2 runs finished, 0 failed" in out and out.count(" start ") == 2
+    recs = records(tmp_path / "results" / "a")
+    assert len(recs) == 2 and all(r["status"] == "done" and len(r["epochs"]) == 2 for r in recs.values())
+    fngd = next(r for r in recs.values() if r["optimizer"] == "fngd")
+    assert [e["phase"] for e in fngd["epochs"]] == ["collect", "reuse"]
+    assert fngd["config"]["sweep"] == "a" and fngd["env"]["packages"]["timm"]
+    for rid in recs:
+        assert (tmp_path / "results" / "a" / "runs" / rid / "logs" / "attempt-1.log").exists()
+
+    again = cli(str(path), cwd=tmp_path).stdout
+    assert "0 to launch" in again and "nothing to launch" in again
+
+    # a run that died (record not done) is launched again, alone
+    sgd_id = next(k for k, r in recs.items() if r["optimizer"] == "sgd")
+    rec_path = tmp_path / "results" / "a" / "runs" / sgd_id / "record.json"
+    rec = json.loads(rec_path.read_text())
+    rec["status"] = "failed"
+    rec_path.write_text(json.dumps(rec))
+    status = cli(str(path), "--status", cwd=tmp_path).stdout
+    assert f"{sgd_id}" in status and "1 done, 1 failed" in status
+    third = cli(str(path), cwd=tmp_path).stdout
+    assert "1 to launch" in third and f"start {sgd_id}" in third and "1 runs finished, 0 failed" in third
+    assert json.loads(rec_path.read_text())["status"] == "done"
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, digits):
+    opts = "[tasks.digits.optimizers.fngd]\nlr = 0.1\n"
+    ref = timm_sweep(tmp_path, digits, "ref", opts, epochs=3)
+    cli(str(ref), cwd=tmp_path)
+    (expected,) = records(tmp_path / "results" / "ref").values()
+
+    path = timm_sweep(tmp_path, digits, "killed", opts, epochs=3)
+    proc = subprocess.Popen([sys.executable, "-m", "fngd_slurm", str(path)], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = tmp_path / "results" / "killed" / "runs"
+    deadline = time.time() + 300
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        for rec_path in root.glob("*/record.json"):
+            try:
+                rec = json.loads(rec_path.read_text())
+            except ValueError:
+                continue
+            if len(rec["epochs"]) == 1 and not killed:  # crash in the middle of epoch 2
+                pid = json.loads((rec_path.parent / "submission.json").read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.05)
+    out = proc.communicate(timeout=60)[0]
+    assert killed and proc.returncode == 1 and "FAILED" in out and "0 runs finished, 1 failed" in out
+    second = cli(str(path), cwd=tmp_path).stdout
+    assert "1 to launch" in second and "1 runs finished, 0 failed" in second
+    (got,) = records(tmp_path / "results" / "killed").values()
+    assert [a["resumed_from_epoch"] for a in got["attempts"]] == [0, 1]
+    keys = ("epoch", "step", "train_loss", "val_loss", "val_metric", "phase")
+    assert [{k: e[k] for k in keys} for e in got["epochs"]] == [{k: e[k] for k in keys} for e in expected["epochs"]]
+    assert got["final"]["val_metric"] == expected["final"]["val_metric"]
