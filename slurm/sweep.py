@@ -31,6 +31,10 @@ multiplies everything::
     lr = [0.1, 0.05]
     damping = 1.0
 
+    [tasks.digits.optimizers."fngd:layer"]   # NAME:VARIANT = another grid of the same optimizer
+    lr = 0.1
+    coefficients = "layer"
+
 Task kinds: ``timm`` runs ``python -m timm_ext.train`` (``args``: its options), ``fairseq`` runs
 ``python -m fairseq_ext.translate`` (``args``: fairseq-train options). Optimizer names are the
 host's: timm's registry (fngd, kfac, sgd, momentum, adamw, ...) and fairseq's (fngd, kfac, adam,
@@ -247,15 +251,17 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources) -> Task:
         err.fail(f"{where}.optimizers", "no optimizers: add [tasks.NAME.optimizers.fngd] (or another)")
     known = _known_optimizers(kind)
     for opt, hp in opts.items():
-        if opt not in known:
-            err.fail(f"{where}.optimizers.{opt}", f"unknown {kind} optimizer; allowed: {', '.join(sorted(known))}")
+        base = opt.split(":")[0]
+        if base not in known or not re.fullmatch(r"[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?", opt):
+            err.fail(f"{where}.optimizers.{opt}", f"unknown {kind} optimizer; allowed: {', '.join(sorted(known))} "
+                                                  f"(or NAME:VARIANT for another grid of NAME)")
         err.typed(f"{where}.optimizers.{opt}", hp, dict)
         for k, v in hp.items():
             if kind == "fairseq":
-                fields = known[opt]
+                fields = known[base]
                 if k not in fields:
                     err.fail(f"{where}.optimizers.{opt}.{k}",
-                             f"not an option of fairseq's {opt}; allowed: {', '.join(sorted(fields))}")
+                             f"not an option of fairseq's {base}; allowed: {', '.join(sorted(fields))}")
             for value in v if isinstance(v, list) else [v]:
                 if isinstance(value, (dict, list)):
                     err.fail(f"{where}.optimizers.{opt}.{k}", f"{value!r}: expected a value or a list of values")
@@ -326,12 +332,14 @@ def expand(sweep: Sweep) -> list[Run]:
     return runs
 
 
-def _run(sweep: Sweep, task: Task, opt: str, hp: dict[str, Any], seed: int) -> Run:
+def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int) -> Run:
+    opt = name.split(":")[0]
     config = {"sweep": sweep.name, "task": task.name, "kind": task.kind, "data": str(task.data),
               "epochs": task.epochs, "max_time_min": task.max_time_min, "args": task.args, "optimizer": opt,
+              "variant": name,
               "hparams": hp, "seed": seed, "gpus": task.resources.gpus}
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:6]
-    run_id = f"{task.name}-{opt}-{_label(hp)}-s{seed}-{digest}".replace("--", "-")
+    run_id = f"{task.name}-{name.replace(':', '.')}-{_label(hp)}-s{seed}-{digest}".replace("--", "-")
     run_dir = sweep.root / "runs" / run_id
     py = [sys.executable]
     if task.kind == "timm":

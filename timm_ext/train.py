@@ -8,8 +8,8 @@ Built from timm's own pieces (create_model, create_dataset, create_loader, creat
 create_scheduler_v2, accuracy), so ``--opt`` takes anything in timm's optimizer registry: the
 plugin's ``fngd`` and ``kfac`` and timm's ``sgd``, ``momentum``, ``adamw``, ... ``--data`` is an
 image folder with ``--train-split``/``--val-split`` sub-folders (``python -m timm_ext.digits``
-writes one) or a timm dataset name such as ``torch/cifar100`` (with ``--data-dir`` and
-``--download`` on machines with internet).
+writes one), or the root of a timm dataset named by ``--dataset`` (``--dataset torch/cifar100
+--val-split test``; ``--download`` on machines with internet).
 
 What it adds to timm's train.py: a checkpoint after every epoch (RUN_DIR/checkpoint.pt, written
 atomically) from which a re-run of the same command resumes — a preempted or killed run ends with
@@ -56,9 +56,9 @@ def parse_kv(items: list[str]) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m timm_ext.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="image folder root, or a timm dataset name (torch/cifar100)")
-    ap.add_argument("--data-dir", default=None, help="root for a named dataset (default: --data's parent)")
-    ap.add_argument("--download", action="store_true", help="let a named torchvision dataset download itself")
+    ap.add_argument("--data", required=True, help="data root: an image folder, or where --dataset's files are")
+    ap.add_argument("--dataset", default="", help="a timm dataset name, e.g. torch/cifar100 (default: image folder)")
+    ap.add_argument("--download", action="store_true", help="let a torchvision dataset download itself")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--val-split", default="validation")
     ap.add_argument("--out", required=True, type=Path, help="run directory: checkpoint.pt, record.json")
@@ -122,7 +122,7 @@ class Trainer:
         if args.sched != "none":
             self.sched, _ = create_scheduler_v2(self.opt, sched=args.sched, num_epochs=args.epochs,
                                                 warmup_epochs=args.warmup_epochs)
-        root, name = (args.data, "") if Path(args.data).is_dir() else (args.data_dir or ".", args.data)
+        root, name = args.data, args.dataset
         common = dict(input_size=(3, args.img_size, args.img_size), mean=tuple(args.mean), std=tuple(args.std),
                       num_workers=args.workers, use_prefetcher=False, distributed=self.world > 1,
                       device=self.device)
