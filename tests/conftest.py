@@ -1,3 +1,5 @@
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,3 +16,15 @@ def f64():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The offline German->English corpus (fairseq_ext.corpus), built once per test session."""
+    pytest.importorskip("fairseq")
+    out = tmp_path_factory.mktemp("corpus")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-m", "fairseq_ext.corpus", str(out)], capture_output=True, text=True,
+                         env=env, cwd="/", timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return out
