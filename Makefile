@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fngd-installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench report clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/digits_demo.py
+
+# README command 1: the default sweep (real offline data, FNGD/KFAC/SGD/AdamW, 2 seeds, local
+# executor), then the comparison report: results/report.md, results/tables/, results/plots/.
+report: $(STAMP)
+	$(PY) -m fngd_slurm default
+	$(PY) -m fngd_analysis results/default --out results --title "FNGD vs KFAC, SGD, AdamW (default sweep)"
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --out results/benchmark.md

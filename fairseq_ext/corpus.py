@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,27 +99,25 @@ def download_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
-def prepare(out: Path, wheel: Path | None = None, vocab: int = 4000) -> dict[str, int]:
+def encode_and_binarize(out: Path, splits: dict[str, list[tuple[str, str]]], vocab: int) -> dict[str, int]:
+    """Write (German, English) ``splits`` ("train", "valid", "test") as OUT/raw/{split}.{de,en}, learn a joint
+    SentencePiece BPE model OUT/spm.model on the training side, and binarise the subword text with
+    ``fairseq-preprocess`` (source de, target en, joined dictionary) into OUT/bin, replacing an earlier OUT/bin.
+    Shared by every corpus command of this package; returns the number of pairs per split."""
     import sentencepiece as spm
 
     out.mkdir(parents=True, exist_ok=True)
-    if wheel is None:
-        wheel = download_wheel(out / "download")
-    pairs = extract_pairs(wheel)
     raw = out / "raw"
     raw.mkdir(exist_ok=True)
-    splits: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
-    for de, en in pairs:
-        splits[split_of(en)].append((de, en))
     for split, items in splits.items():
         for lang, col in (("de", 0), ("en", 1)):
             (raw / f"{split}.{lang}").write_text("".join(p[col] + "\n" for p in items), encoding="utf-8")
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
-        for de, en in splits["train"]:
-            f.write(de + "\n" + en + "\n")
-    spm.SentencePieceTrainer.train(input=f.name, model_prefix=str(out / "spm"), vocab_size=vocab,
-                                   model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1, pad_id=-1,
-                                   unk_id=0, minloglevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "spm-train.txt"
+        text.write_text("".join(de + "\n" + en + "\n" for de, en in splits["train"]), encoding="utf-8")
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "spm"), vocab_size=vocab,
+                                       model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1, pad_id=-1,
+                                       unk_id=0, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
     tok = out / "tok"
     tok.mkdir(exist_ok=True)
@@ -126,11 +125,24 @@ def prepare(out: Path, wheel: Path | None = None, vocab: int = 4000) -> dict[str
         for lang, col in (("de", 0), ("en", 1)):
             pieces = sp.encode([p[col] for p in items], out_type=str)
             (tok / f"{split}.{lang}").write_text("".join(" ".join(p) + "\n" for p in pieces), encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "de", "--target-lang", "en",
-                    "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"),
-                    "--testpref", str(tok / "test"), "--destdir", str(out / "bin"), "--joined-dictionary",
-                    "--workers", "1"], check=True, capture_output=True)
+    shutil.rmtree(out / "bin", ignore_errors=True)  # fairseq-preprocess refuses to overwrite a dictionary
+    res = subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "de", "--target-lang", "en",
+                          "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"),
+                          "--testpref", str(tok / "test"), "--destdir", str(out / "bin"), "--joined-dictionary",
+                          "--workers", "1"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"fairseq-preprocess failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
     return {k: len(v) for k, v in splits.items()}
+
+
+def prepare(out: Path, wheel: Path | None = None, vocab: int = 4000) -> dict[str, int]:
+    out.mkdir(parents=True, exist_ok=True)
+    if wheel is None:
+        wheel = download_wheel(out / "download")
+    splits: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
+    for de, en in extract_pairs(wheel):
+        splits[split_of(en)].append((de, en))
+    return encode_and_binarize(out, splits, vocab)
 
 
 def main(argv: list[str] | None = None) -> int:
