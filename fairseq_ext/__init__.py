@@ -5,9 +5,28 @@ pointing at this package works too. On import it registers both optimizers (data
 every field shows in ``fairseq-train --optimizer fngd --help``) and teaches fairseq's task and
 trainer to tell FNGD what it cannot see from parameters alone:
 
-* the sentence ids of each batch (``sample["id"]``; fairseq keeps batch composition across
-  epochs, so ``reuse="sample"`` -- the default here -- keys coefficients by sentence);
-* epoch starts (``Trainer.begin_epoch``), and dummy batches (``ignore_grad``), which are skipped.
+* the sentence ids of each batch (``sample["id"]``; ``reuse="sample"`` -- the default here -- keys
+  coefficients by sentence, so they survive what changes batches: a resumed run builds its batches
+  with another seed, and distributed workers get other batches every epoch);
+* epoch starts (``Trainer.begin_epoch``), and dummy batches (``ignore_grad``: they teach FNGD nothing
+  but still join its all-reduces).
+
+Bad option values stop ``fairseq-train`` at argument parsing (argparse's usage error, exit code 2),
+before any data or model is loaded; the core optimizer's own checks decide what is valid.
+
+Distributed training (tested on CPU: one process per rank, gloo, ``--ddp-backend legacy_ddp``; the
+GPU backends take the same path here, untested): fairseq all-reduces the gradient,
+FNGD all-reduces its natural-gradient direction (``_all_reduce_mean`` in the core), so every replica
+takes the same step. fairseq deals the shuffled batches out anew each epoch, so a sentence's batch
+lands on another worker than the one that solved its coefficient; with ``reuse="sample"`` the
+workers therefore merge what they collected (:func:`share_coefficients`) at every epoch start and
+before every checkpoint, and every replica (and rank 0's checkpoint) holds all coefficients.
+
+``--amp``: fairseq's AMPOptimizer unscales the gradients in ``clip_grad_norm`` (``GradScaler.unscale_``
+on the inner torch optimizer) and then calls ``GradScaler.step`` on the fairseq wrapper, which
+unscales the same gradients a second time (fairseq/optim/amp_optimizer.py: ``step`` after
+``clip_grad_norm``): every update would be 1/loss_scale of what it should be. Our wrappers declare
+``_step_supports_amp_scaling`` so that GradScaler hands them ``found_inf`` instead of unscaling again.
 
 At construction the optimizer finds the fairseq models that own its parameters and
 * forces fairseq's MultiheadAttention onto its module path (``skip_embed_dim_check``: the fast
@@ -21,10 +40,13 @@ FNGD measures the host's gradient scale on every solve.
 
 import gc
 import logging
+import re
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.tasks import FairseqTask
@@ -36,7 +58,7 @@ from fngd_plugin import FNGD, KFAC
 
 logger = logging.getLogger("fngd_plugin")
 
-__all__ = ["FairseqFNGD", "FairseqKFAC", "find_fngd"]
+__all__ = ["FairseqFNGD", "FairseqKFAC", "find_fngd", "share_coefficients"]
 
 
 @dataclass
@@ -99,10 +121,44 @@ def prepare_models(opt: Any, params: list) -> None:
 
 class _Wrapped(FairseqOptimizer):
     core: type
+    # option names (without "--") of the core's keyword arguments where they differ
+    options: dict[str, str] = {}
+    # see the module docstring (--amp): GradScaler.step() calls our step() with found_inf set
+    _step_supports_amp_scaling = True
+
+    @classmethod
+    def core_kwargs(cls, c: Any) -> dict:
+        """The core optimizer's keyword arguments from a config (or fairseq's argparse Namespace)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_error(cls, c: Any) -> Optional[str]:
+        """What is wrong with these option values, in argparse's words (None: nothing).
+
+        The core validates its arguments before it looks at parameters, so building it on an empty
+        parameter list runs exactly its checks and nothing else."""
+        kwargs = cls.core_kwargs(c)
+        try:
+            cls.core([], **kwargs)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            if "empty parameter list" in msg:
+                return None
+            m = re.match(r"(\w+)=", msg)
+            if m is None or m.group(1) not in kwargs:
+                return f"--optimizer {cls.core.__name__.lower()}: {msg}"
+            key = m.group(1)
+            option = "--" + cls.options.get(key, key.replace("_", "-"))
+            value, _, why = msg[len(key) + 1:].partition(" ")  # "damping=-1.0 must be > 0.0"
+            return f"argument {option}: invalid value {value}" + (f" ({why})" if why else "")
+        return None
 
     def __init__(self, cfg: Any, params: list):
         super().__init__(cfg)
         params = list(params)
+        error = self.config_error(self.cfg)  # fairseq-hydra-train and in-process builds skip our argparse check
+        if error is not None:
+            raise ValueError(error)
         self._optimizer = self.core(params, **self.optimizer_config)
         if not self._optimizer.coverage["covered"]:
             raise ValueError(
@@ -112,11 +168,32 @@ class _Wrapped(FairseqOptimizer):
         prepare_models(self._optimizer, params)
 
     @property
+    def optimizer_config(self) -> dict:
+        return self.core_kwargs(self.cfg)
+
+    @property
     def supports_flat_params(self) -> bool:
         return False  # the per-sample statistics need the model's own parameters
 
     def zero_grad(self) -> None:
+        self._unscaled = False
         self._optimizer.zero_grad()  # also drops what the hooks captured
+
+    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+        # AMPOptimizer calls this right after GradScaler.unscale_(our core optimizer)
+        self._unscaled = True
+        return super().clip_grad_norm(max_norm, aggregate_norm_fn)
+
+    def step(self, closure=None, scale=1.0, groups=None):
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step (AMP), see the module docstring
+        if found_inf is not None:
+            if float(found_inf) > 0:
+                return None  # what GradScaler does: skip, it lowers the scale
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None and not getattr(self, "_unscaled", False):
+                self.multiply_grads(1.0 / grad_scale)  # nobody unscaled this step's gradients yet
+        self._unscaled = False
+        return super().step(closure, scale, groups)
 
 
 @register_optimizer("fngd", dataclass=FairseqFNGDConfig)
@@ -125,9 +202,8 @@ class FairseqFNGD(_Wrapped):
 
     core = FNGD
 
-    @property
-    def optimizer_config(self) -> dict:
-        c = self.cfg
+    @classmethod
+    def core_kwargs(cls, c: Any) -> dict:
         return dict(lr=c.lr[0], momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov,
                     damping=c.damping, damping_mode=str(c.damping_mode), coefficients=str(c.coefficients),
                     reuse=str(c.reuse), collect_epochs=c.collect_epochs, normalize=str(c.normalize),
@@ -139,10 +215,19 @@ class FairseqKFAC(_Wrapped):
     """K-FAC baseline (fngd_plugin.KFAC) inside fairseq."""
 
     core = KFAC
+    options = {"damping": "kfac-damping"}
 
-    @property
-    def optimizer_config(self) -> dict:
-        c = self.cfg
+    def __init__(self, cfg: Any, params: list):
+        if _world_size() > 1:
+            # the core keeps Kronecker factors per process and preconditions with them: replicas
+            # would take different steps and drift apart (measured: 0.34 max parameter difference
+            # after 2 epochs on 2 CPU workers); refuse rather than train silently wrong
+            raise ValueError("--optimizer kfac does not support distributed training (its Kronecker factors are "
+                             "per worker, so the replicas would diverge); use one process, or --optimizer fngd")
+        super().__init__(cfg, params)
+
+    @classmethod
+    def core_kwargs(cls, c: Any) -> dict:
         return dict(lr=c.lr[0], momentum=c.momentum, weight_decay=c.weight_decay, damping=c.kfac_damping,
                     factor_decay=c.factor_decay, factor_update_steps=c.factor_update_steps,
                     inv_update_steps=c.inv_update_steps, kl_clip=c.kl_clip, max_factor_dim=c.max_factor_dim)
@@ -160,11 +245,59 @@ def find_fngd(optimizer: Any) -> Optional[FNGD]:
     return None
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ids of the sentences each FNGD solved for since the workers last merged their coefficients
+_collected: "weakref.WeakKeyDictionary[FNGD, list]" = weakref.WeakKeyDictionary()
+
+
+def share_coefficients(opt: FNGD) -> None:
+    """Distributed reuse="sample": give every worker the coefficients that the others solved.
+
+    A collective: every rank calls it at the same points (epoch starts, checkpoint saves). Within a
+    collect epoch each sentence is in one batch on one worker, so the entries that changed since
+    the last merge are disjoint; each worker sends the entries of the sentences it solved for,
+    everybody applies all of them in rank order, and the stores end up identical."""
+    if opt.store is None or opt.reuse != "sample" or _world_size() == 1:
+        return
+    dist = torch.distributed
+    ids = _collected.pop(opt, [])
+    ids = torch.unique(torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.long)
+    state = opt.store.state_dict()
+    mine = {}
+    for block, table in state["samples"].items():
+        inside = ids[ids < table["values"].numel()]
+        mine[int(block)] = (table["values"].numel(), inside, table["values"][inside], table["filled"][inside])
+    gathered: list = [None] * _world_size()
+    dist.all_gather_object(gathered, mine)
+    samples = {}
+    for block in sorted({b for g in gathered for b in g}):
+        size = max(g[block][0] for g in gathered if block in g)
+        values = torch.zeros(size, dtype=torch.float64)
+        filled = torch.zeros(size, dtype=torch.bool)
+        if block in state["samples"]:
+            own = state["samples"][block]
+            values[: own["values"].numel()] = own["values"]
+            filled[: own["filled"].numel()] = own["filled"]
+        for g in gathered:
+            if block in g:
+                _, i, v, f = g[block]
+                values[i] = torch.where(f, v.to(torch.float64), values[i])
+                filled[i] |= f
+        samples[block] = {"values": values, "filled": filled}
+    state["samples"] = samples
+    opt.store.load_state_dict(state)
+
+
 def _patch_hosts() -> None:
     if getattr(FairseqTask.train_step, "_fngd", False):
         return
     train_step = FairseqTask.train_step
     begin_epoch = Trainer.begin_epoch
+    consolidate_optimizer = Trainer.consolidate_optimizer
 
     def task_train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         opt = find_fngd(optimizer)
@@ -172,18 +305,28 @@ def _patch_hosts() -> None:
             if ignore_grad or not sample or "id" not in sample:
                 opt.ignore_next_batch()
             else:
+                if opt.reuse == "sample" and opt.in_collect_phase and _world_size() > 1:
+                    _collected.setdefault(opt, []).append(sample["id"].detach().cpu())
                 opt.set_sample_ids(sample["id"])
         return train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad)
 
     def trainer_begin_epoch(self, epoch):
         opt = find_fngd(self.optimizer)
         if opt is not None:
+            share_coefficients(opt)  # all ranks start every epoch
             opt.set_epoch(epoch - 1)  # fairseq counts epochs from 1
         return begin_epoch(self, epoch)
+
+    def trainer_consolidate_optimizer(self):
+        opt = find_fngd(self.optimizer)
+        if opt is not None:
+            share_coefficients(opt)  # all ranks call this before rank 0 writes a checkpoint
+        return consolidate_optimizer(self)
 
     task_train_step._fngd = True  # type: ignore[attr-defined]
     FairseqTask.train_step = task_train_step
     Trainer.begin_epoch = trainer_begin_epoch
+    Trainer.consolidate_optimizer = trainer_consolidate_optimizer
 
     # fairseq prints --help before it adds the chosen optimizer's options; add ours first so that
     # `fairseq-train --optimizer fngd --help` documents them
@@ -198,7 +341,14 @@ def _patch_hosts() -> None:
             for name, config in (("fngd", FairseqFNGDConfig), ("kfac", FairseqKFACConfig)):
                 if name in argv and "--optimizer" in argv:
                     gen_parser_from_dataclass(parser.add_argument_group(f"optimizer {name}"), config())
-        return parse(parser, input_args, *args, **kwargs)
+        parsed = parse(parser, input_args, *args, **kwargs)
+        ns = parsed[0] if isinstance(parsed, tuple) else parsed
+        wrapper = {"fngd": FairseqFNGD, "kfac": FairseqKFAC}.get(getattr(ns, "optimizer", None))
+        if wrapper is not None:  # before any data or model is loaded
+            error = wrapper.config_error(ns)
+            if error is not None:
+                parser.error(error)
+        return parsed
 
     options.parse_args_and_arch = parse_args_and_arch
 
@@ -211,7 +361,12 @@ def _allow_checkpoint_globals() -> None:
     import torch
 
     if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals([argparse.Namespace])
+        import numpy as np
+
+        # fairseq pickles its argparse Namespace, and (with --eval-bleu) numpy arrays of BLEU counts
+        multiarray = getattr(np, "_core", None) or np.core
+        torch.serialization.add_safe_globals([argparse.Namespace, multiarray.multiarray._reconstruct, np.ndarray,
+                                              np.dtype, *{type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4")}])
 
 
 _patch_hosts()

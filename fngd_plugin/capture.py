@@ -56,6 +56,9 @@ class MicroBatch:
     calls: dict[nn.Module, list[Call]] = field(default_factory=dict)
     backward_seen: bool = False
     root_scaled: bool = False
+    # a batch whose gradient the host discards (see FNGD.ignore_next_batch): captured only so that
+    # this worker joins the step's collectives, with a zero contribution
+    dummy: bool = False
 
 
 def _functorch_active() -> bool:

@@ -155,6 +155,13 @@ class FNGD(CaptureOptimizer):
             raise ValueError(f"sample ids must be >= 0, got min {int(ids.min())}")
         self._next_ids = ids.long()
 
+    def ignore_next_batch(self) -> None:
+        """The host discards the next forward's gradient (fairseq's dummy batches: the short shard
+        of an uneven epoch in distributed training, OOM recovery). It solves nothing, stores
+        nothing and moves no position or epoch; when its phase captures, it is captured anyway and
+        contributes zero, so that this worker still joins the step's all-reduces."""
+        self._ignore_next = True
+
     def set_epoch(self, epoch: int) -> None:
         """Tell FNGD that epoch ``epoch`` (0-based) starts now. Resets the batch position to 0."""
         check_number("epoch", epoch, minimum=0, integer=True)
@@ -306,7 +313,9 @@ class FNGD(CaptureOptimizer):
         ids, self._next_ids = self._next_ids, None
         if self._ignore_next:
             self._ignore_next = False
-            return None
+            collect = self._is_collect(self.epoch) or self.store is None or self.store.empty
+            return MicroBatch(position=-1, epoch=self.epoch, collect=collect,
+                              capture=collect or self.coefficients == "layer", dummy=True)
         if self.reuse == "sample" and ids is None:
             raise ValueError("FNGD(reuse='sample') needs the batch's sample ids: call opt.set_sample_ids(ids) "
                              "before each forward, or use reuse='position'")
@@ -365,7 +374,7 @@ class FNGD(CaptureOptimizer):
             return
         batches, per_mb = [x[0] for x in live], [x[1] for x in live]
         ns = [next(iter(b.values()))[0].n for b in per_mb]
-        N = sum(ns)
+        N = sum(n for mb, n in zip(batches, ns) if not mb.dummy)
         kappa = self._measure_scale(per_mb)
         if not self._checked_capture:
             low = any(c.delta is not None and c.delta.dtype in (torch.bfloat16, torch.float16)
@@ -375,6 +384,10 @@ class FNGD(CaptureOptimizer):
         totals = []  # sum_i c_i per solved block, weighted n_m / N (the scale of uncovered gradients)
         unit = (N * kappa) ** 2  # raw Gram -> true per-sample units
         for mb, blocks, n in zip(batches, per_mb, ns):
+            if mb.dummy:  # zero contribution, same blocks: the all-reduce below stays matched
+                for reps in blocks.values():
+                    self._block_weighted(reps, torch.zeros(n, dtype=torch.float64, device=kappa.device), out)
+                continue
             # g_i = N kappa * (raw column i), and the micro-batch direction counts n_m / N, so the
             # raw per-sample gradients are weighted by n_m kappa c_i
             looked = self._look_up(mb, blocks, n, kappa.device)
@@ -409,7 +422,8 @@ class FNGD(CaptureOptimizer):
             p.grad = g.to(p.dtype) if p.grad is None else g.to(p.grad.dtype).view_as(p.grad)
             written.add(id(p))
         if self.normalize != "sum":
-            tau = torch.stack(totals).sum()
+            tau = torch.stack(totals).sum() if totals else kappa.new_zeros(())
+            self._all_reduce_mean([tau])  # every replica scales its uncovered gradients alike
             for p in self._params:
                 if p.grad is not None and id(p) not in written:
                     p.grad.mul_(tau.to(p.grad.dtype))

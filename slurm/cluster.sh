@@ -4,11 +4,12 @@
 #   slurm/cluster.sh start    install packages if missing, write config, start the daemons,
 #                             wait for an idle node; prints the partition name on stdout
 #   slurm/cluster.sh stop     cancel jobs, stop the daemons it started (by pid file)
-#   slurm/cluster.sh status   which daemons run, and sinfo
+#   slurm/cluster.sh status   which daemons run, and sinfo (exit 0 when all of them run)
 #
 # Debian/Ubuntu, root, no systemd, no cgroups. Everything but munge (the system's socket and key)
 # lives under $FNGD_SLURM_ROOT: config (etc/slurm.conf: point SLURM_CONF at it), state, logs,
 # pid files, its own MariaDB. Ports FNGD_SLURM_PORT..+3 (slurmctld, slurmd, slurmdbd, mariadb).
+# Config is rewritten on each start; a changed setting takes effect after stop + start.
 # Progress goes to stderr. Exit 2 (one-line reason, last line of stderr): this machine cannot
 # run it (not root, no apt-get, packages not installable), so tests skip. Exit 1: a daemon failed.
 set -euo pipefail
@@ -34,6 +35,8 @@ until_ok() {  # until_ok <seconds> <command...>: retry a command every 0.2 s
     sleep 0.2
   done
 }
+# start a daemon without our lock fd 9 (else it holds the lock for as long as it lives)
+daemon() { "$@" 9>&-; }
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }   # alive <pidfile>
 
 install_packages() {
@@ -143,7 +146,7 @@ start_munge() {
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
   fi
   install -d -o munge -g munge -m 755 /run/munge /var/lib/munge /var/log/munge
-  runuser -u munge -- munged || broken "munged failed" /var/log/munge/munged.log
+  daemon runuser -u munge -- munged || broken "munged failed" /var/log/munge/munged.log
   until_ok 10 bash -c "munge -n | unmunge" || broken "munged does not answer" /var/log/munge/munged.log
   cp /run/munge/munged.pid "$ROOT/run/munged.pid"   # we started it, so stop stops it
 }
@@ -158,8 +161,8 @@ start_mariadb() {
   if ! alive "$ROOT/run/mariadb.pid"; then
     mariadbd --user=root --datadir="$data" --socket="$sock" --pid-file="$ROOT/run/mariadb.pid" \
       --bind-address=127.0.0.1 --port=$((PORT + 3)) --log-error="$ROOT/log/mariadb.log" \
-      --skip-name-resolve --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
-      </dev/null >/dev/null 2>&1 &
+      --skip-name-resolve --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 \
+      </dev/null >/dev/null 2>&1 9>&- &
     until_ok 60 mariadb-admin --socket="$sock" ping || broken "mariadb did not start" "$ROOT/log/mariadb.log"
   fi
   mariadb --socket="$sock" -e "
@@ -168,7 +171,6 @@ start_mariadb() {
 }
 
 start() {
-  [ "$(id -u)" = 0 ] || unusable "must run as root (it installs packages and runs slurmd as root)"
   [ -d /run/systemd/system ] && say "note: systemd is running; this script starts its own daemons anyway"
   local t0=$SECONDS fresh=0
   mkdir -p "$ROOT"/{etc,state,spool,log,run,dev}
@@ -177,7 +179,7 @@ start() {
   start_munge
   start_mariadb
   if ! alive "$ROOT/run/slurmdbd.pid"; then
-    slurmdbd || broken "slurmdbd failed" "$ROOT/log/slurmdbd.log"
+    daemon slurmdbd || broken "slurmdbd failed" "$ROOT/log/slurmdbd.log"
   fi
   until_ok 60 sacctmgr -n list cluster || broken "slurmdbd does not answer" "$ROOT/log/slurmdbd.log"
   # register the cluster (and with it root's association to the root account) before slurmctld
@@ -185,10 +187,10 @@ start() {
     sacctmgr -i add cluster "$CLUSTER" >/dev/null || broken "sacctmgr add cluster failed"
   fi
   if ! alive "$ROOT/run/slurmctld.pid"; then
-    fresh=1; slurmctld || broken "slurmctld failed" "$ROOT/log/slurmctld.log"
+    fresh=1; daemon slurmctld || broken "slurmctld failed" "$ROOT/log/slurmctld.log"
   fi
   if ! alive "$ROOT/run/slurmd.pid"; then
-    fresh=1; slurmd || broken "slurmd failed" "$ROOT/log/slurmd.log"
+    fresh=1; daemon slurmd || broken "slurmd failed" "$ROOT/log/slurmd.log"
   fi
   local node; node=$(hostname -s)
   until_ok 60 bash -c "sinfo -h -n '$node' -o %t | grep -Eq '^(idle|mix|alloc)'" || {
@@ -208,13 +210,15 @@ start() {
   echo "$PARTITION"
 }
 
-stop_pidfile() {  # stop_pidfile <pidfile> <name>: TERM, wait up to 10 s, then KILL
-  alive "$1" || { rm -f "$1"; return 0; }
-  local pid i; pid=$(cat "$1")
-  kill "$pid"
-  for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  rm -f "$1"; say "stopped $2 ($pid)"
+stop_daemons() {  # stop_daemons <name>...: TERM them all (pid files in run/), wait up to 10 s, KILL
+  local name pids=() i
+  for name in "$@"; do
+    alive "$ROOT/run/$name.pid" && { pids+=("$(cat "$ROOT/run/$name.pid")"); kill "${pids[-1]}"; say "stopping $name"; }
+    rm -f "$ROOT/run/$name.pid"
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  for ((i = 0; i < 100; i++)); do kill -0 "${pids[@]}" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 stop() {
@@ -222,11 +226,8 @@ stop() {
     squeue -h -o %i | xargs -r scancel --quiet >/dev/null 2>&1 || true
     until_ok 15 bash -c '[ -z "$(squeue -h -o %i)" ]' || say "jobs still listed: $(squeue -h -o '%i %T' | tr '\n' ' ')"
   fi
-  stop_pidfile "$ROOT/run/slurmd.pid" slurmd
-  stop_pidfile "$ROOT/run/slurmctld.pid" slurmctld
-  stop_pidfile "$ROOT/run/slurmdbd.pid" slurmdbd
-  stop_pidfile "$ROOT/run/mariadb.pid" mariadbd
-  stop_pidfile "$ROOT/run/munged.pid" munged
+  stop_daemons slurmd slurmctld slurmdbd   # (slurmctld keeps what slurmdbd missed for next time)
+  stop_daemons mariadb munged
 }
 
 status() {
@@ -240,9 +241,12 @@ status() {
 }
 
 case "${1:-}" in
-  start | stop | status)
+  start | stop)
+    [ "$(id -u)" = 0 ] || unusable "must run as root (it installs packages and runs slurmd as root)"
     mkdir -p "$ROOT"
-    exec 9>"$ROOT/lock" && flock 9   # one start/stop at a time (e.g. parallel test sessions)
+    exec 9>"$ROOT/lock"   # one start/stop at a time (e.g. parallel test sessions)
+    flock -w 600 9 || broken "another cluster.sh has held $ROOT/lock for 10 minutes"
     "$1" ;;
+  status) status ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 64 ;;
 esac

@@ -185,18 +185,28 @@ class RunJob:
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self._proc is not None:
+            stop_child(self._proc.pid)
         return submitit.helpers.DelayedSubmission(RunJob(self.run_dir))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "_proc": None}
+
+
+def stop_child(pid: int, grace_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``. Runs inside submitit's signal handler while the main
+    thread may sit in Popen.wait() holding its lock, so it only *looks* at the child's exit
+    (waitid with WNOWAIT) and leaves reaping to Popen."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, ChildProcessError):  # already gone, or already reaped
+        return
 
 
 def slurm_parameters(res: Resources, name: str, max_parallel: int) -> dict[str, Any]:

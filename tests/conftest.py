@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from slurm_cluster import slurm_cluster_fixture  # noqa: E402,F401  (the session fixture `slurm_cluster`)
+
 
 @pytest.fixture
 def f64():

@@ -53,11 +53,12 @@ def test_registered_with_config_and_bad_values_fail_before_training():
                                              "--reuse", "bogus"])
 
 
-def test_collect_step_is_per_sentence_damped_ngd(f64):
-    lam = 0.3
+def collect_step_vs_brute_force(extra: list[str], lam: float = 0.3):
+    """One FNGD collect step through fairseq's task/criterion/optimizer code, and brute-force
+    per-sentence damped NGD (float64) for the same batch. Returns (step, expected, model, fngd)."""
     cfg, task, model, criterion, batch = setup(["--optimizer", "fngd", "--lr", "1.0", "--momentum", "0",
                                                 "--damping", str(lam), "--damping-mode", "absolute",
-                                                "--normalize", "none", "--reuse", "off"])
+                                                "--normalize", "none", "--reuse", "off", *extra])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, params)  # switches attention to its module path (same math)
     # brute force: each sentence's own summed loss through the batched forward, autograd per sentence
@@ -75,15 +76,53 @@ def test_collect_step_is_per_sentence_damped_ngd(f64):
 
     fngd = fairseq_ext.find_fngd(optimizer)
     assert isinstance(fngd, FNGD)
-    assert not fngd.coverage["uncovered"], fngd.coverage["line"]
     before = torch.cat([p.detach().reshape(-1).clone() for p in params])
     optimizer.zero_grad()
     loss, sample_size, _ = task.train_step(batch, model, criterion, optimizer, update_num=0)  # sets the ids
     optimizer.multiply_grads(1.0 / sample_size)  # what fairseq's trainer does before the step
     optimizer.step()
     step = before - torch.cat([p.detach().reshape(-1) for p in params])
+    return step, expected, model, fngd
+
+
+def test_collect_step_is_per_sentence_damped_ngd(f64):
+    step, expected, _, fngd = collect_step_vs_brute_force([])
+    assert not fngd.coverage["uncovered"], fngd.coverage["line"]
     assert float((step - expected).norm() / expected.norm()) < 1e-8
     assert fngd.stats()["tied_approximations"] == 0
+
+
+def test_every_linear_embedding_layernorm_parameter_is_covered(f64):
+    """Per parameter, not per count: each nn.Linear / nn.Embedding / nn.LayerNorm parameter of the
+    transformer (here with every LayerNorm fairseq can add: pre-norm layers, the final encoder and
+    decoder norms, the embedding norm) is one of FNGD's parameters and the coverage report leaves
+    none out; and the step is exact, so "covered" means the captured per-sentence gradients of
+    each of them are right (time-first layout declared where it applies)."""
+    step, expected, model, fngd = collect_step_vs_brute_force(
+        ["--encoder-normalize-before", "--decoder-normalize-before", "--layernorm-embedding"])
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    owned: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            for pname, p in module.named_parameters(recurse=False):
+                owned.setdefault(id(p), f"{name}.{pname} ({type(module).__name__})")
+    assert len(owned) == len(list(model.parameters()))  # the transformer has no other parameters
+    assert any("layernorm_embedding" in n for n in owned.values())
+    assert any(n.startswith("encoder.layer_norm.") for n in owned.values())
+    assert any(n.startswith("decoder.layer_norm.") for n in owned.values())
+    mine = {id(p) for g in fngd.param_groups for p in g["params"]}
+    assert not [n for i, n in owned.items() if i not in mine]
+    assert not fngd.coverage["uncovered"], fngd.coverage["line"]
+    assert sum(fngd.coverage["covered"].values()) == len(mine) == len(owned), fngd.coverage["line"]
+    assert {"Linear", "Embedding", "LayerNorm"} <= set(fngd.coverage["covered"]), fngd.coverage["line"]
+    assert float((step - expected).norm() / expected.norm()) < 1e-8
+
+    # not silently wrong: learned positional embeddings (an nn.Embedding subclass that embeds
+    # positions, not its input) are reported uncovered with the reason
+    cfg, _, model, _, _ = setup(["--optimizer", "fngd", "--lr", "0.1", "--encoder-learned-pos"])
+    fngd = fairseq_ext.find_fngd(build_optimizer(cfg.optimizer, list(model.parameters())))
+    assert fngd.coverage["uncovered"] == {"LearnedPositionalEmbedding": 1}, fngd.coverage["line"]
+    assert "overrides forward()" in fngd.coverage["reasons"]["LearnedPositionalEmbedding"]
 
 
 # ------------------------------------------------------------------------------ corpus and real CLIs
@@ -207,3 +246,293 @@ def test_real_fairseq_train_other_optimizers(corpus, tmp_path, opt_args):
         updates = int([ln for ln in log.splitlines() if "| train | epoch 001" in ln][0]
                       .split("num_updates ")[1].split()[0])
         assert updates * 2 - 1 <= solves <= updates * 2
+
+
+# ------------------------------------------------------------------------------ resume, AMP, bad options, distributed
+# Short real runs: the 320-sentence valid split as the training set (5 batches an epoch), no validation.
+SHORT = [a for a in TINY if a != "--no-save"] + ["--train-subset", "valid", "--valid-subset", "test",
+                                                 "--disable-validation"]
+FNGD_ARGS = ["--optimizer", "fngd", "--lr", "0.25", "--clip-norm", "1.0"]
+
+
+def train_lines(log: str) -> dict[int, dict[str, float]]:
+    """{epoch: {"loss": .., "gnorm": .., ...}} from fairseq's end-of-epoch "| train | epoch NNN" lines."""
+    out = {}
+    for line in log.splitlines():
+        if "| train | epoch" in line:
+            fields = [f.strip() for f in line.split("| train | epoch ")[1].split("|")]
+            out[int(fields[0])] = {f.split()[0]: float(f.split()[1]) for f in fields[1:] if len(f.split()) == 2}
+    return out
+
+
+def test_resume_continues_identically(corpus, tmp_path):
+    """2 epochs in one run == 1 epoch, then a second invocation resuming from checkpoint_last.pt
+    (model, momentum, FNGD schedule and coefficient store): the same epoch-2 loss and the same
+    final parameters and optimizer state, bit for bit, dropout 0.1 included (fairseq reseeds with
+    seed + num_updates before every update).
+
+    ``--update-epoch-batch-itr True`` is for fairseq, not for FNGD: fairseq builds an epoch's
+    batches under ``numpy_seed(seed + epoch)`` with the epoch at which the iterator is *created*
+    (fairseq/tasks/fairseq_task.py, make_batches in get_batch_iterator) and caches it for later
+    epochs; an uninterrupted run builds them at epoch 1, a resumed run at epoch 2, so ties between
+    equally long sentences fall differently, batches differ, and so does the trajectory -- for
+    fairseq's own optimizers too (nag, dropout 0: the 3rd update of epoch 2 gets another batch and
+    the parameters differ by ~1e-3). With the flag both runs rebuild the batches every epoch."""
+    args = [str(corpus / "bin"), *SHORT, *FNGD_ARGS, "--update-epoch-batch-itr", "True"]
+    a = train_lines(cli("fairseq_cli.train", *args, "--max-epoch", "2", "--save-dir", str(tmp_path / "A")))
+    first = train_lines(cli("fairseq_cli.train", *args, "--max-epoch", "1", "--save-dir", str(tmp_path / "B")))
+    log = cli("fairseq_cli.train", *args, "--max-epoch", "2", "--save-dir", str(tmp_path / "B"))
+    assert "Loaded checkpoint" in log and "(epoch 2 @ 5 updates)" in log
+    b = train_lines(log)
+    assert set(a) == {1, 2} and set(first) == {1} and set(b) == {2}, (a, first, b)
+    for key in ("loss", "nll_loss", "gnorm", "num_updates"):  # not wps, wall: timings
+        assert first[1][key] == a[1][key] and b[2][key] == a[2][key], (key, a, first, b)
+
+    def load(run):
+        return torch.load(tmp_path / run / "checkpoint_last.pt", weights_only=False, map_location="cpu")
+
+    ca, cb = load("A"), load("B")
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    sa, sb = ca["last_optimizer_state"], cb["last_optimizer_state"]
+    assert sa["fngd"]["store"]["samples"][-1]["filled"].sum() == 320  # every training sentence has its c
+    # momentum buffers, schedule, counters, coefficient store (NaN == NaN: a one-sentence batch has no spread)
+    assert_identical(sa, sb)
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit (NaN equal to NaN)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.isnan(), b.isnan()), where
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_amp_in_process_bf16_autocast_and_loss_scaling():
+    """fairseq's --amp is CUDA-only: AMPOptimizer makes a torch.cuda.amp.GradScaler (disabled, with
+    a warning, without CUDA: fairseq/optim/amp_optimizer.py) and the task forwards under
+    torch.cuda.amp.autocast (a no-op on CPU: fairseq/tasks/fairseq_task.py train_step). So here
+    the AMP path runs in-process the way fairseq runs it on a GPU, with CPU stand-ins: the real
+    AMPOptimizer wrapping ours, its scaler swapped for an enabled torch.amp.GradScaler("cpu")
+    (loss scale 128), the forward under torch.autocast("cpu", bfloat16), then fairseq's trainer
+    sequence multiply_grads -> clip_grad_norm (which unscales) -> step.
+
+    The step must equal the fp32 step to bf16 accuracy. fairseq's AMPOptimizer.step() would
+    unscale the gradients a second time (GradScaler.step on the wrapper after unscale_ on the inner
+    optimizer), shrinking every update by the loss scale (fairseq's nag: exactly 1/128 here); our
+    wrapper takes found_inf from GradScaler instead. An overflow skips the step and halves the scale."""
+    import warnings
+
+    from fairseq.optim import AMPOptimizer
+
+    def one_step(amp: bool, init_scale: float = 128.0):
+        cfg, task, model, criterion, batch = setup(["--optimizer", "fngd", "--lr", "0.5", "--momentum", "0",
+                                                    "--amp", "--clip-norm", "0"])
+        model = model.float()
+        params = list(model.parameters())
+        if amp:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "torch.cuda.amp.GradScaler is enabled, but CUDA is not available"
+                optimizer = AMPOptimizer.build_optimizer(cfg, params)
+            optimizer._grad_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        else:
+            optimizer = build_optimizer(cfg.optimizer, params)
+        assert isinstance(fairseq_ext.find_fngd(optimizer), FNGD)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            _, sample_size, _ = task.train_step(batch, model, criterion, optimizer, update_num=0)
+        optimizer.multiply_grads(1.0 / sample_size)
+        grad_norm = optimizer.clip_grad_norm(0.0)
+        optimizer.step()
+        step = before - torch.cat([p.detach().reshape(-1) for p in params])
+        return step, grad_norm, optimizer
+
+    ref, _, _ = one_step(amp=False)
+    step, grad_norm, optimizer = one_step(amp=True)
+    assert torch.isfinite(grad_norm) and optimizer.scaler.get_scale() == 128.0
+    assert float((step - ref).norm() / ref.norm()) < 0.05  # bf16 activations; 1/128 would be ~0.99
+    step, grad_norm, optimizer = one_step(amp=True, init_scale=2.0**127)  # the scaled loss overflows
+    assert not torch.isfinite(grad_norm) and float(step.abs().max()) == 0.0
+    assert optimizer.scaler.get_scale() == 2.0**126
+
+
+def test_amp_cli_trains_on_cpu(corpus, tmp_path):
+    """fairseq-train --amp --cpu runs (fairseq does not refuse) but its AMP is inert without CUDA:
+    loss_scale stays 1 and the numbers are fp32's (see the in-process test for the real AMP path)."""
+    log = cli("fairseq_cli.train", str(corpus / "bin"), *SHORT, *FNGD_ARGS, "--amp", "--max-epoch", "1",
+              "--no-save", "--save-dir", str(tmp_path))
+    assert "torch.cuda.amp.GradScaler is enabled, but CUDA is not available" in log
+    assert "uncovered: none" in log
+    epoch = train_lines(log)[1]
+    assert epoch["loss_scale"] == 1 and epoch["num_updates"] == 5 and 0 < epoch["loss"] < 20
+
+
+BAD_OPTIONS = {
+    "damping": (["--damping", "-1"], "argument --damping: invalid value -1.0 (must be > 0.0)"),
+    "reuse": (["--reuse", "bogus"],
+              "argument --reuse: invalid choice: 'bogus' (choose from 'sample', 'position', 'off')"),
+    "coefficients": (["--coefficients", "x"],
+                     "argument --coefficients: invalid choice: 'x' (choose from 'network', 'layer')"),
+    "kfac-damping": (["--optimizer", "kfac", "--kfac-damping", "0"],
+                     "argument --kfac-damping: invalid value 0.0 (must be > 0.0)"),
+    "momentum": (["--momentum", "1"], "argument --momentum: invalid value 1.0 (must be < 1)"),
+}
+
+
+def test_bad_option_values_stop_fairseq_train_before_training(corpus, tmp_path):
+    """Through the real CLI (all at once, they only parse): argparse's usage error, exit code 2,
+    the option, the value and what is allowed on the last line, before any data, model or save
+    directory exists. Range checks are the core optimizer's own (FNGD/KFAC on no parameters)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    procs = {}
+    for name, (bad, _) in BAD_OPTIONS.items():
+        argv = [sys.executable, "-m", "fairseq_cli.train", str(corpus / "bin"), *SHORT, *FNGD_ARGS, *bad,
+                "--max-epoch", "1", "--save-dir", str(tmp_path / name)]
+        procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                       cwd="/")
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, (out + err)[-3000:])
+        assert err.strip().splitlines()[-1] == f"train.py: error: {BAD_OPTIONS[name][1]}", (name, err[-1500:])
+        assert "| train | epoch" not in out + err and "loaded" not in out + err
+        assert not (tmp_path / name).exists()
+
+    # fairseq-hydra-train and in-process builds skip argparse: the optimizer says the same
+    from omegaconf import open_dict
+
+    cfg, _, model, _, _ = setup(["--optimizer", "fngd", "--lr", "0.1"])
+    with open_dict(cfg.optimizer):
+        cfg.optimizer.damping = -1.0
+    with pytest.raises(ValueError, match=r"argument --damping: invalid value -1\.0 \(must be > 0\.0\)"):
+        build_optimizer(cfg.optimizer, list(model.parameters()))
+
+
+DIST_WORKER = """
+import sys
+import torch
+import fairseq_cli.train as T
+from fairseq_ext import find_fngd
+
+out = sys.argv.pop(1)
+held = []
+train = T.train
+def spy(cfg, trainer, task, epoch_itr):
+    held.append(trainer)
+    return train(cfg, trainer, task, epoch_itr)
+T.train = spy
+sys.argv[0] = "fairseq-train"
+T.cli_main()
+trainer = held[-1]
+opt = find_fngd(trainer.optimizer)
+torch.save({"model": {k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()},
+            "stats": opt.stats(), "store": opt.store.state_dict(),
+            "world": trainer.data_parallel_world_size, "rank": trainer.data_parallel_rank}, out)
+"""
+
+
+def test_distributed_two_cpu_workers(corpus, tmp_path):
+    """Two fairseq-train processes on CPU with gloo, loading the plugin through --user-dir (the
+    installed package) besides the autoload. Epoch 1 collects, 2-3 reuse; 5 batches an epoch, so
+    worker 1 gets a dummy batch every epoch (it must still join FNGD's all-reduces). Both
+    replicas end with identical parameters and identical coefficient stores holding all 320
+    sentences, and no reuse lookup missed (fairseq deals batches to workers anew every epoch).
+
+    How fairseq allows CPU multi-process (fairseq/distributed/utils.py): spawning
+    (--distributed-world-size 2 alone) asserts world size <= torch.cuda.device_count() in
+    _infer_single_node_init; torchrun's environment divides by torch.cuda.device_count() in
+    _infer_torch_distributed_launch_init (ZeroDivisionError); what works is one process per rank with
+    --distributed-init-method, --distributed-rank and --distributed-no-spawn. --ddp-backend must be
+    legacy_ddp (or no_c10d): pytorch_ddp passes device_ids=[device_id] to torch's
+    DistributedDataParallel (fairseq/models/distributed_fairseq_model.py), which rejects CPU modules."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import sysconfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    user_dir = os.path.join(sysconfig.get_paths()["purelib"], "fairseq_ext")
+    assert os.path.isfile(os.path.join(user_dir, "__init__.py"))
+    args = [str(corpus / "bin"), *SHORT, *FNGD_ARGS, "--max-epoch", "3", "--no-save", "--save-dir", str(tmp_path),
+            "--user-dir", user_dir, "--distributed-world-size", "2", "--distributed-backend", "gloo",
+            "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+            "--ddp-backend", "legacy_ddp"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_WORKER, str(tmp_path / f"rank{r}.pt"), *args,
+                               "--distributed-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd="/") for r in (0, 1)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for r, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, (r, log[-4000:])
+    assert "has already been imported" in logs[0]  # --user-dir met the autoloaded plugin
+    epochs = train_lines(logs[0])  # rank 1 logs warnings only (fairseq)
+    assert sorted(epochs) == [1, 2, 3] and epochs[1]["num_updates"] == 3  # 3 updates: 3 + 2 batches + 1 dummy
+    losses = [epochs[e]["loss"] for e in (1, 2, 3)]
+    assert losses[0] > losses[1] > losses[2], losses
+    assert "FNGD: collect epoch 0 done" in logs[0]
+
+    w = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [x["world"] for x in w] == [2, 2] and [x["rank"] for x in w] == [0, 1]
+    for k in w[0]["model"]:
+        assert torch.equal(w[0]["model"][k], w[1]["model"][k]), k
+    assert_identical(w[0]["store"]["samples"], w[1]["store"]["samples"])
+    assert int(w[0]["store"]["samples"][-1]["filled"].sum()) == 320
+    for x in w:
+        assert x["stats"]["store_misses"] == 0 and x["stats"]["skipped_steps"] == 0, x["stats"]
+        assert x["stats"]["collect_steps"] > 0
+
+
+def test_dummy_batch_teaches_nothing(f64):
+    """fairseq's dummy batches (ignore_grad: the short shard of an uneven epoch, OOM recovery) are
+    captured only to keep the workers' all-reduces matched: no solve, nothing stored, no step."""
+    cfg, task, model, criterion, batch = setup(["--optimizer", "fngd", "--lr", "0.1"])
+    params = list(model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, params)
+    fngd = fairseq_ext.find_fngd(optimizer)
+    before = [p.detach().clone() for p in params]
+    optimizer.zero_grad()
+    task.train_step(batch, model, criterion, optimizer, update_num=0, ignore_grad=True)
+    optimizer.step()
+    stats = fngd.stats()
+    assert (stats["collect_steps"], stats["stored"], stats["position"]) == (0, 0, 0), stats
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    optimizer.zero_grad()
+    _, sample_size, _ = task.train_step(batch, model, criterion, optimizer, update_num=0)
+    optimizer.multiply_grads(1.0 / sample_size)
+    optimizer.step()
+    stats = fngd.stats()
+    assert (stats["collect_steps"], stats["stored"], stats["position"]) == (1, 5, 1), stats
+    assert not all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_kfac_refuses_distributed_training(monkeypatch):
+    """KFAC's factors are per worker (no all-reduce in the core): two CPU workers ended 2 epochs with
+    parameters 0.34 apart. Refused at build time, in every worker, before any step."""
+    cfg, _, model, _, _ = setup(["--optimizer", "kfac", "--lr", "0.05"])
+    monkeypatch.setattr(fairseq_ext, "_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="kfac does not support distributed training"):
+        build_optimizer(cfg.optimizer, list(model.parameters()))
