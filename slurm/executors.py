@@ -126,7 +126,7 @@ def run_local(runs: list[Run], max_parallel: int, log: Callable[[str], None] = p
                 run = pending.pop(0)
                 prepare_dir(run)
                 logf = open(next_log(run.dir), "w")
-                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", **run.env}
                 proc = subprocess.Popen(run.command, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
                 write_json_atomic(run.dir / "submission.json", {"executor": "local", "pid": proc.pid,
@@ -174,7 +174,7 @@ class RunJob:
         run_dir = Path(self.run_dir)
         spec = json.loads((run_dir / "run.json").read_text())
         with open(next_log(run_dir), "w") as logf:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.get("env", {})}
             self._proc = subprocess.Popen(spec["command"], stdout=logf, stderr=subprocess.STDOUT, env=env)
             rc = self._proc.wait()
         if rc != 0:

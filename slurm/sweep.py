@@ -10,7 +10,7 @@ multiplies everything::
     [executor]
     kind = "local"                   # local | slurm
     max_parallel = 2                 # local: runs at once; slurm: job-array parallelism cap
-    threads = 1                      # torch CPU threads per run (local)
+    threads = 1                      # CPU threads per run (default: local all, slurm the run's cpus)
 
     [resources]                      # SLURM; a task's [tasks.X.resources] overrides keys
     partition = "gpu"
@@ -95,11 +95,12 @@ class Run:
     dir: Path
     resources: Resources
     config: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)  # set for the command (thread counts)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "task": self.task, "kind": self.kind, "optimizer": self.optimizer,
-                "hparams": self.hparams, "seed": self.seed, "command": self.command, "dir": str(self.dir),
-                "resources": vars(self.resources), "config": self.config}
+                "hparams": self.hparams, "seed": self.seed, "command": self.command, "env": self.env,
+                "dir": str(self.dir), "resources": vars(self.resources), "config": self.config}
 
 
 @dataclass
@@ -369,5 +370,9 @@ def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int) -> 
             train += ["--distributed-world-size", str(task.resources.gpus)]
         command = [*py, "-m", "fairseq_ext.translate", str(task.data), "--out", str(run_dir), "--seed", str(seed),
                    "--task-name", task.name, "--run-name", run_id, "--optimizer-label", opt, "--", *train]
+    # one OpenMP/MKL pool per run, sized to its share of the machine: runs side by side with the
+    # libraries' default (all cores each) oversubscribe the cores, which slowed a 2-core machine 7x
+    threads = sweep.threads or (task.resources.cpus if sweep.executor == "slurm" else None)
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     return Run(id=run_id, task=task.name, kind=task.kind, optimizer=opt, hparams=hp, seed=seed, command=command,
-               dir=run_dir, resources=task.resources, config=config)
+               dir=run_dir, resources=task.resources, config=config, env=env)

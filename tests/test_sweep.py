@@ -117,6 +117,9 @@ def test_grid_expansion_ids_and_launch_commands(tmp_path):
     fngd = [r for r in s.runs if r.optimizer == "fngd"]
     assert {(r.hparams["lr"], r.hparams["damping"], r.seed) for r in fngd} == {
         (lr, d, seed) for lr in (0.1, 0.2) for d in (1.0, 0.1) for seed in (0, 1, 2)}
+    assert fngd[0].env == {}  # local, no [executor] threads: the libraries' defaults
+    slurm = sw.load(path, executor="slurm").runs[0]
+    assert slurm.env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # sized to the run's cpus (1)
     cmd = fngd[0].command
     # two GPUs per run: one process per GPU through torchrun; FNGD's own options through --opt-kwargs
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
