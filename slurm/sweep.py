@@ -284,9 +284,15 @@ def _known_optimizers(kind: str) -> dict[str, set[str]]:
         import timm_ext  # noqa: F401
 
         return {n: set() for n in timm.optim.list_optimizers()}
-    from fairseq.optim import OPTIMIZER_REGISTRY
+    import logging
+    import warnings
 
-    from fairseq_ext.translate import optimizer_options
+    with warnings.catch_warnings():  # fairseq's import-time deprecation chatter is not the user's problem
+        warnings.simplefilter("ignore")
+        logging.getLogger("fairseq").setLevel(logging.WARNING)
+        from fairseq.optim import OPTIMIZER_REGISTRY
+
+        from fairseq_ext.translate import optimizer_options
 
     out = {n: optimizer_options(n) for n in OPTIMIZER_REGISTRY}
     for alias, real in FAIRSEQ_ALIASES.items():

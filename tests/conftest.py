@@ -30,3 +30,14 @@ def corpus(tmp_path_factory):
                          env=env, cwd="/", timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's real digits as a 16x16 image folder (python -m timm_ext.digits), once per session."""
+    pytest.importorskip("timm")
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "timm_ext.digits", str(out), "--size", "16"], check=True, env=env,
+                   capture_output=True)
+    return out

@@ -70,13 +70,6 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    subprocess.run([sys.executable, "-m", "timm_ext.digits", str(out), "--size", "16"], check=True, env=ENV,
-                   capture_output=True)
-    return out
-
 
 def test_sweep_on_slurm_cancel_preempt_requeue_and_resubmit(slurm_cluster, tmp_path, digits):
     fngd = "[tasks.digits.optimizers.fngd]\nlr = 0.1\n"

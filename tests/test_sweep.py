@@ -29,13 +29,6 @@ def cli(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subpro
     return res
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    subprocess.run([sys.executable, "-m", "timm_ext.digits", str(out), "--size", "16"], check=True, env=ENV,
-                   capture_output=True)
-    return out
-
 
 def write(tmp_path: Path, body: str, name: str = "s.toml") -> Path:
     path = tmp_path / name

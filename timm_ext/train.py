@@ -219,7 +219,13 @@ class Trainer:
 
 
 def hparams_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay, **parse_kv(args.opt_kwargs)}
+    """The options the optimizer actually received (timm passes momentum only to those that have one)."""
+    from timm.optim._optim_factory import default_registry
+
+    hp = {"lr": args.lr, "weight_decay": args.weight_decay}
+    if default_registry.get_optimizer_info(args.opt).has_momentum:
+        hp["momentum"] = args.momentum
+    return {**hp, **parse_kv(args.opt_kwargs)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
