@@ -315,6 +315,8 @@ def _patch_hosts() -> None:
         if opt is not None:
             share_coefficients(opt)  # all ranks start every epoch
             opt.set_epoch(epoch - 1)  # fairseq counts epochs from 1
+            # one line per epoch, read by fairseq_ext.translate for the run record
+            logger.info("FNGD: epoch %d phase %s", epoch, "collect" if opt.in_collect_phase else "reuse")
         return begin_epoch(self, epoch)
 
     def trainer_consolidate_optimizer(self):

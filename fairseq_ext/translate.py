@@ -39,6 +39,7 @@ from typing import Any
 
 _JSON = re.compile(r"\| (train|valid) \| (\{.*\})\s*$")
 _BLEU = re.compile(r"BLEU = ([0-9.]+)")
+_PHASE = re.compile(r"FNGD: epoch \d+ phase (collect|reuse)")
 
 
 def _has(args: list[str], flag: str) -> bool:
@@ -125,7 +126,7 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
     t_iter = None
     seconds = None
     valid: dict = {}
-    hp = record.data["hparams"]
+    phase = None  # FNGD's phase of the epoch, as fairseq_ext logs it at each epoch start
     try:
         for line in proc.stdout:
             now = time.perf_counter()
@@ -133,6 +134,8 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
             log.flush()
             if "Start iterating over samples" in line:
                 t_iter = now
+            elif m := _PHASE.search(line):
+                phase = m.group(1)
             elif 'begin validation on "valid"' in line and t_iter is not None:
                 seconds = now - t_iter
             m = _JSON.search(line)
@@ -148,19 +151,15 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
             opt_time += seconds
             wall += now - t_mark
             t_mark = now
-            fngd_phase = None
-            if _value(train_args, "--optimizer") == "fngd":  # solves in collect epochs; always with reuse off
-                collect = hp.get("reuse") == "off" or epoch <= int(hp.get("collect_epochs", 1))
-                fngd_phase = "collect" if collect else "reuse"
             record.epoch(epoch=epoch, step=int(float(stats.get("train_num_updates", 0))), time=opt_time, wall=wall,
                          epoch_time=seconds, train_loss=_num(stats, "train_loss"),
                          val_loss=_num(valid, "valid_loss"), val_metric=_num(valid, "valid_bleu"),
-                         phase=fngd_phase,
+                         phase=phase,
                          lr=_num(stats, "train_lr"))
             print(f"epoch {epoch} | train loss {stats.get('train_loss')} | valid loss {valid.get('valid_loss')} | "
-                  f"valid BLEU {valid.get('valid_bleu')} | {seconds:.1f}s" + (f" | {fngd_phase}" if fngd_phase else ""),
+                  f"valid BLEU {valid.get('valid_bleu')} | {seconds:.1f}s" + (f" | {phase}" if phase else ""),
                   flush=True)
-            seconds, valid = None, {}
+            seconds, valid, phase = None, {}, None
         rc = proc.wait()
     except BaseException:
         proc.terminate()
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric"]
     if not _has(full, "--no-epoch-checkpoints"):
         full.append("--no-epoch-checkpoints")
-    if _has(full, "--cpu") is False and not _has(full, "--distributed-world-size"):
+    if not _has(full, "--cpu") and not _has(full, "--distributed-world-size"):
         import torch
 
         if not torch.cuda.is_available():
