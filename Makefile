@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile $(SOURCES)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q cython wheel numpy
 	$(PIP) install -q --no-build-isolation fairseq-fixed==0.12.3.1
-	$(PIP) install -q '.[timm,fairseq,sweep,analysis,dev]'
+	$(PIP) install -q '.[timm,fairseq,sweep,analysis,lightning,dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -298,6 +298,7 @@ def _patch_hosts() -> None:
     train_step = FairseqTask.train_step
     begin_epoch = Trainer.begin_epoch
     consolidate_optimizer = Trainer.consolidate_optimizer
+    lr_step = Trainer.lr_step
 
     def task_train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         opt = find_fngd(optimizer)
@@ -319,6 +320,12 @@ def _patch_hosts() -> None:
             logger.info("FNGD: epoch %d phase %s", epoch, "collect" if opt.in_collect_phase else "reuse")
         return begin_epoch(self, epoch)
 
+    def trainer_lr_step(self, epoch, val_loss=None):
+        opt = find_fngd(self.optimizer)
+        if opt is not None:  # fairseq_cli.train calls lr_step once at the end of every epoch
+            opt.log_epoch()
+        return lr_step(self, epoch, val_loss)
+
     def trainer_consolidate_optimizer(self):
         opt = find_fngd(self.optimizer)
         if opt is not None:
@@ -329,6 +336,7 @@ def _patch_hosts() -> None:
     FairseqTask.train_step = task_train_step
     Trainer.begin_epoch = trainer_begin_epoch
     Trainer.consolidate_optimizer = trainer_consolidate_optimizer
+    Trainer.lr_step = trainer_lr_step
 
     # fairseq prints --help before it adds the chosen optimizer's options; add ours first so that
     # `fairseq-train --optimizer fngd --help` documents them

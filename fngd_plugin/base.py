@@ -24,6 +24,28 @@ from .update import global_norm, momentum_step
 
 logger = logging.getLogger("fngd_plugin")
 
+# Why a step (or one module of it) could not be preconditioned, and what to change. Counted per
+# cause in ``stats()["unpreconditioned"]``, warned about the first time each occurs.
+CAUSES = {
+    "no_batch": "an optimizer step found gradients but no captured training forward of the model since the last "
+                "step, so its gradient is used unpreconditioned. Was the model called under torch.no_grad() or a "
+                "torch.func transform, compiled in place with model.compile() (use model = torch.compile(model) "
+                "instead), or run by a module this optimizer's parameters do not belong to?",
+    "eval_mode": "the model ran in eval mode, so its forward was not captured and the step used the plain "
+                 "gradient. Keep model.train() for training forwards and put frozen submodules (e.g. BatchNorm) "
+                 "in eval() one by one.",
+    "no_backward": "the captured forward's backward never reached the model's output (was the loss computed from "
+                   "a detached output, or the backward run after step()?), so the step used the plain gradient.",
+    "no_layer_gradient": "the backward reached the model's output but no covered layer received a gradient "
+                         "(are all covered parameters frozen?), so the step used the plain gradient.",
+    "partly_frozen": "a module has both trainable and frozen (requires_grad=False) parameters; its trainable "
+                     "parameters get the plain gradient. Freeze or unfreeze whole modules.",
+    "no_coefficients": "a reuse step found no stored coefficients for its batch and used the plain gradient.",
+    "root_mismatch": "a reuse step found no output tensor of the model whose batch size matches the stored "
+                     "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
+                     "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",
+}
+
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
@@ -76,6 +98,11 @@ class CaptureOptimizer(torch.optim.Optimizer):
         self._counters = {k: torch.zeros((), dtype=torch.float64) for k in self.counter_names}
         self._checked_capture = False
         self._warned: set[str] = set()
+        # host-side counts (no device sync): steps by cause that were not preconditioned, and
+        # finished batches the host threw away with zero_grad() before any step (skipped updates)
+        self.unpreconditioned: Counter[str] = Counter()
+        self.discarded_batches = 0
+        self._engaged = False
         self.coverage = self._coverage_report()
         logger.info(self.coverage["line"])
 
@@ -94,9 +121,26 @@ class CaptureOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._precondition([mb for mb in self._capture.take() if mb.capture])
+        unseen = sum(not mb.backward_seen for mb in self._capture.pending)
+        taken = self._capture.take()
+        cause = None
+        if not taken and any(p.grad is not None for p in self._params):
+            cause = "eval_mode" if self._capture.eval_forwards else ("no_backward" if unseen else "no_batch")
+            self._unengaged(cause)
+        self._capture.eval_forwards = 0
+        self._engaged = False
+        self._precondition([mb for mb in taken if mb.capture])
+        self._note_step(taken, cause)
         self._update(self.max_update_norm)
         return loss
+
+    def _note_step(self, taken: list[MicroBatch], cause: str | None) -> None:
+        """Subclasses count steps by phase here (``self._engaged``: _precondition used its batches)."""
+
+    def _unengaged(self, cause: str, detail: str = "") -> None:
+        self.unpreconditioned[cause] += 1
+        self._warn_once(f"cause-{cause}", f"{type(self).__name__}: {CAUSES[cause]}{detail} (counted in "
+                        f"stats()['unpreconditioned']['{cause}']; this warning is shown once)")
 
     def set_batch_dim(self, module: nn.Module, dim: int) -> None:
         """Declare that ``module``'s inputs and outputs carry the sample dimension at ``dim``."""
@@ -110,7 +154,9 @@ class CaptureOptimizer(torch.optim.Optimizer):
         return self.coverage
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._capture.clear()
+        # a forward still waiting for its backward stays (zero_grad between forward and backward,
+        # closures that zero inside); finished batches whose gradient is thrown away go
+        self.discarded_batches += sum(not mb.dummy for mb in self._capture.discard_finished())
         super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ coverage
@@ -177,8 +223,18 @@ class CaptureOptimizer(torch.optim.Optimizer):
         for module, calls in mb.calls.items():
             if not self._coverable(module):
                 continue
+            params = [p for p in module._parameters.values() if p is not None]
+            trainable = sum(p.requires_grad for p in params)
+            if not trainable:
+                continue  # frozen (fine-tuning): nothing to precondition
+            if trainable < len(params):
+                self._unengaged("partly_frozen", f" ({type(module).__name__})")
+                continue
             seen = [c for c in calls if c.delta is not None]
-            if len(seen) < len(calls) and any(p.grad is not None for p in module.parameters(recurse=False)):
+            # a call recorded while checkpointing recomputed the forward gets no gradient when the
+            # original graph is kept (non-reentrant): only the original counts
+            lost = [c for c in calls if c.delta is None and not c.recomputed]
+            if lost and any(p.grad is not None for p in module.parameters(recurse=False)):
                 self._warn_once(f"nodelta-{type(module).__name__}",
                                 f"{type(self).__name__}: a {type(module).__name__} received a gradient that its output "
                                 "hook never saw; that call is left out of the per-sample statistics")
@@ -186,12 +242,14 @@ class CaptureOptimizer(torch.optim.Optimizer):
             if not calls:
                 continue
             fn = find_sampler(module)
-            assert fn is not None
+            if fn is None:
+                raise RuntimeError(f"{type(self).__name__}: {type(module).__name__} was recorded but has no sampler")
             bd = self._capture.batch_dims.get(module, 0)
             try:
                 parts = [fn(module, c.a, c.delta, bd, c.meta) for c in calls]
-            except Exception as e:  # name the module; the host's traceback alone would not
-                raise TypeError(f"FNGD: per-sample gradients of {type(module).__name__} failed: {e}") from e
+            except (ValueError, TypeError, IndexError) as e:  # name the module; the host's traceback would not
+                raise type(e)(f"{type(self).__name__}: per-sample gradients of {type(module).__name__} failed: "
+                              f"{e}") from e
             reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
         sizes = {r.n for r in reps.values()}
         if len(sizes) > 1:

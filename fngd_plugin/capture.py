@@ -13,6 +13,24 @@ module *contains* ours if any parameter below it is. Everything else returns at 
 * Optionally the root's output gradients are rescaled per sample: that is how a weighted loss
   sum_i w_i l_i is obtained from the host's ordinary loss in one ordinary backward.
 
+Loop shapes: ``zero_grad()`` drops only the batches whose backward already ran (an update the
+host skipped, e.g. GradScaler on overflow); a forward waiting for its backward survives it, so
+``loss = model(x); opt.zero_grad(); loss.backward()`` and closures that zero inside work.
+
+Activation checkpointing: a forward that runs inside a backward (torch.utils.checkpoint,
+fairseq's checkpoint_wrapper, timm's set_grad_checkpointing) is a recomputation, not a new
+batch. It belongs to the batch whose backward is running (each batch remembers the autograd
+graph tasks that delivered gradients to it). Non-reentrant checkpointing keeps the original
+graph, so the calls recorded in the forward already get their gradients and the recomputed calls
+are not recorded; reentrant checkpointing runs the segment without gradients first (counted per
+module), and exactly those calls are recorded when they are recomputed. A model checkpointed
+as a whole with reentrant checkpointing is first seen with gradients inside its backward: that
+starts its batch.
+
+torch.compile: a capturing batch runs an ``OptimizedModule`` eagerly
+(``torch.compiler.set_stance("force_eager")``, so every hook fires); a batch that only needs its
+root output (network-coefficient reuse) runs compiled. The hooks do nothing while dynamo traces.
+
 Calls made under torch.func transforms, or while ``functional_call`` has swapped the module's
 parameters for other tensors, are ignored. The hooks hold the capture only weakly and are removed
 when it is garbage-collected. Nothing here knows about layer math or phases.
@@ -22,6 +40,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +59,7 @@ class Call:
     a: Tensor
     meta: dict
     delta: Tensor | None = None
+    recomputed: bool = False  # recorded while activation checkpointing recomputed the forward
 
 
 @dataclass
@@ -56,6 +76,12 @@ class MicroBatch:
     calls: dict[nn.Module, list[Call]] = field(default_factory=dict)
     backward_seen: bool = False
     root_scaled: bool = False
+    # autograd graph tasks that delivered gradients to this batch (to place recomputed forwards)
+    tasks: set[int] = field(default_factory=set)
+    # calls of owned modules without gradients inside this forward (reentrant checkpointing), and
+    # how many of them were recorded when recomputed
+    nograd_calls: Counter = field(default_factory=Counter)
+    recomputed: Counter = field(default_factory=Counter)
     # a batch whose gradient the host discards (see FNGD.ignore_next_batch): captured only so that
     # this worker joins the step's collectives, with a zero contribution
     dummy: bool = False
@@ -63,6 +89,17 @@ class MicroBatch:
 
 def _functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _graph_task() -> int:
+    """The running backward's graph task id, -1 outside backward."""
+    return torch._C._current_graph_task_id()
+
+
+def _is_compiled_module(module: nn.Module) -> bool:
+    dynamo = getattr(torch, "_dynamo", None)
+    cls = getattr(getattr(dynamo, "eval_frame", None), "OptimizedModule", None)
+    return cls is not None and isinstance(module, cls)
 
 
 def _remove_all(handles: list) -> None:
@@ -91,6 +128,9 @@ class ModuleCapture:
         self._depth = 0
         self.root_mismatch = 0  # roots whose outputs had no tensor with the weights' batch size
         self.dropped = 0
+        self.eval_forwards = 0  # forwards with gradients of a containing root in eval mode
+        self._recomputing = False
+        self._stances: list[Any] = []  # force_eager contexts entered for compiled modules
 
         ref = weakref.ref(self)
 
@@ -118,6 +158,10 @@ class ModuleCapture:
             self._owned[module] = owned
         return owned
 
+    def has_foreign(self, root: nn.Module) -> bool:
+        """Whether ``root`` has trainable parameters that are not ours (another optimizer's)."""
+        return any(p.requires_grad and id(p) not in self._param_ids for p in root.parameters())
+
     def _contains(self, module: nn.Module) -> bool:
         if module not in self._witness:
             witness = None
@@ -139,44 +183,85 @@ class ModuleCapture:
 
     # ------------------------------------------------------------------ hooks
     def _pre(self, module: nn.Module, args: tuple) -> None:
-        if not self._active() or not self._contains(module):
+        if torch.compiler.is_compiling():
+            return
+        if not torch.is_grad_enabled():
+            mb = self.current
+            if mb is not None and mb.capture and self._depth > 0 and self._records(module):
+                mb.nograd_calls[module] += 1  # a reentrant-checkpointed segment: recomputed in backward
+            return
+        if _functorch_active() or not self._contains(module):
             return
         self._depth += 1
         if self._depth == 1:
-            self.current = self._start_batch(module, args) if module.training else None
-            if self.current is not None:
-                if len(self.pending) >= MAX_PENDING:  # forwards without step()/zero_grad(): do not hoard
-                    del self.pending[0]
-                    if not self.dropped:
-                        warnings.warn(f"fngd_plugin: {MAX_PENDING} training forwards without optimizer.step() or "
-                                      "zero_grad(); the oldest captured batches are being dropped (is the "
-                                      "optimizer still in use?)", RuntimeWarning, stacklevel=2)
-                    self.dropped += 1
-                self.pending.append(self.current)
+            task = _graph_task()
+            target = self._recompute_target(task) if task >= 0 else None
+            self._recomputing = target is not None
+            if target is not None:
+                self.current = target
+            elif not module.training:
+                self.current = None
+                self.eval_forwards += 1
+            else:
+                self.current = self._start_batch(module, args)
+                if self.current is not None:
+                    if len(self.pending) >= MAX_PENDING:  # forwards without step()/zero_grad(): do not hoard
+                        del self.pending[0]
+                        if not self.dropped:
+                            warnings.warn(f"fngd_plugin: {MAX_PENDING} training forwards without optimizer.step() "
+                                          "or zero_grad(); the oldest captured batches are being dropped (is the "
+                                          "optimizer still in use?)", RuntimeWarning, stacklevel=2)
+                        self.dropped += 1
+                    self.pending.append(self.current)
+        mb = self.current
+        if mb is not None and mb.capture and _is_compiled_module(module):
+            stance = torch.compiler.set_stance("force_eager")  # takes effect now; exited in _post
+            stance.__enter__()
+            self._stances.append((module, stance))
+
+    def _records(self, module: nn.Module) -> bool:
+        owned = self.owned_params(module)
+        return bool(owned) and all(module._parameters.get(k) is p for k, p in owned) and self._coverable(module)
+
+    def _recompute_target(self, task: int) -> MicroBatch | None:
+        """The batch a forward run inside backward task ``task`` recomputes, or None (a new batch)."""
+        for mb in reversed(self.pending):
+            if task in mb.tasks:
+                return mb
+        for mb in reversed(self.pending):  # no gradient has reached it yet: a segment left over
+            if sum(mb.nograd_calls.values()) > sum(mb.recomputed.values()):
+                return mb
+        return None
 
     def _post(self, module: nn.Module, args: tuple, out: Any) -> None:
-        if not self._active() or not self._contains(module):
+        if torch.compiler.is_compiling() or not self._active() or not self._contains(module):
             return
+        if self._stances and self._stances[-1][0] is module:
+            self._stances.pop()[1].__exit__(None, None, None)
         mb = self.current
-        if mb is not None and mb.capture:
-            owned = self.owned_params(module)
-            if owned and all(module._parameters.get(k) is p for k, p in owned) and self._coverable(module):
+        if mb is not None and mb.capture and self._records(module):
+            if not self._recomputing:
                 self._record(mb, module, args, out)
+            elif mb.nograd_calls[module] > mb.recomputed[module]:
+                mb.recomputed[module] += 1
+                self._record(mb, module, args, out, recomputed=True)
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0 and mb is not None:
-            if mb.reweight is not None:
-                self._scale_root_outputs(mb, module, out)
+            if not self._recomputing:
+                self._hook_root(mb, module, out)
             self.current = None
+            self._recomputing = False
 
-    def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, out: Any) -> None:
+    def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, out: Any, recomputed: bool = False) -> None:
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
             return
-        call = Call(args[0].detach(), sampler_meta(module))
+        call = Call(args[0].detach(), sampler_meta(module), recomputed=recomputed)
         mb.calls.setdefault(module, []).append(call)
 
         def on_grad(g: Tensor) -> None:
             call.delta = g if call.delta is None else call.delta + g
             mb.backward_seen = True
+            mb.tasks.add(_graph_task())
 
         base = out._base if out._is_view() else None
         if base is not None and base.grad_fn is not None and base.numel() == out.numel() and base.is_contiguous():
@@ -188,41 +273,48 @@ class ModuleCapture:
         else:
             out.register_hook(on_grad)
 
-    def _scale_root_outputs(self, mb: MicroBatch, module: nn.Module, out: Any) -> None:
-        assert mb.reweight is not None
+    def _hook_root(self, mb: MicroBatch, module: nn.Module, out: Any) -> None:
+        """Hooks on the root's outputs: they tell which backward runs this batch, and rescale the
+        output gradients per sample when the batch asks for it (network-coefficient reuse)."""
         bd = self.batch_dims.get(module, 0)
-        outs = [t for t in _tensors(out) if t.requires_grad and t.dim() > bd]
+        outs = [t for t in _tensors(out) if t.requires_grad]
+        w = None
+        if mb.reweight is not None:
+            sized = [t for t in outs if t.dim() > bd]
+            if sized:
+                w = mb.reweight(sized[0].shape[bd])
         hooked = False
-        if not outs:
-            self.root_mismatch += 1
-            return
-        w = mb.reweight(outs[0].shape[bd])
         for t in outs:
-            if t.shape[bd] == w.numel():
+            wt = None
+            if w is not None and t.dim() > bd and t.shape[bd] == w.numel():
                 shape = [1] * t.dim()
                 shape[bd] = -1
                 wt = w.view(shape)
-
-                def scale(g: Tensor, wt: Tensor = wt) -> Tensor:
-                    mb.backward_seen = True
-                    return g * wt.to(g.dtype)
-
-                t.register_hook(scale)
                 hooked = True
-        mb.root_scaled = hooked
-        if not hooked:
-            self.root_mismatch += 1
+
+            def seen(g: Tensor, wt: Tensor | None = wt) -> Tensor | None:
+                mb.backward_seen = True
+                mb.tasks.add(_graph_task())
+                return None if wt is None else g * wt.to(g.dtype)
+
+            t.register_hook(seen)
+        if mb.reweight is not None:
+            mb.root_scaled = hooked
+            if not hooked:
+                self.root_mismatch += 1
 
     def take(self) -> list[MicroBatch]:
         """The micro-batches since the last take whose backward reached us; clears the queue."""
         done = [mb for mb in self.pending if mb.backward_seen]
-        self.clear()
+        self.pending = []
         return done
 
-    def clear(self) -> None:
-        self.pending = []
-        self.current = None
-        self._depth = 0
+    def discard_finished(self) -> list[MicroBatch]:
+        """zero_grad(): drop the batches whose backward already ran (their gradient is being thrown
+        away: an update the host skipped); keep forwards still waiting for their backward."""
+        gone = [mb for mb in self.pending if mb.backward_seen]
+        self.pending = [mb for mb in self.pending if not mb.backward_seen]
+        return gone
 
 
 def _tensors(out: Any) -> list[Tensor]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -133,6 +134,12 @@ class FNGD(CaptureOptimizer):
         self.keep_per_sample = keep_per_sample
 
         self.store = CoefficientStore(reuse) if reuse != "off" else None
+        # host-side step counts: collect / collect_solved / reuse / reuse_weighted, in total and
+        # since the current epoch started (the per-epoch line)
+        self.step_counts: Counter[str] = Counter()
+        self._epoch_start_counts: Counter[str] = Counter()
+        self._logged_epoch = -1
+        self._misses_warned = 0
 
         # schedule
         self._epoch = 0
@@ -226,7 +233,29 @@ class FNGD(CaptureOptimizer):
             "stored": 0 if self.store is None else len(self.store),
             "store_misses": 0 if self.store is None else int(self.store.misses),
             "root_mismatches": self._capture.root_mismatch,
+            "steps": {k: self.step_counts[k] for k in ("collect", "collect_solved", "reuse", "reuse_weighted")},
+            "unpreconditioned": dict(self.unpreconditioned),
+            "discarded_batches": self.discarded_batches,
         }
+
+    def epoch_line(self) -> str:
+        """What FNGD did in the current epoch so far: steps solved of steps in collect, reuse steps
+        reweighted, steps by cause that it could not precondition (the hosts log it per epoch)."""
+        d = self.step_counts - self._epoch_start_counts
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(self.unpreconditioned.items())) or "none"
+        misses = 0 if self.store is None else int(self.store.misses)
+        return (f"FNGD epoch {self._epoch}: {d['collect_solved']}/{d['collect']} collect steps solved, "
+                f"{d['reuse_weighted']}/{d['reuse']} reuse steps reweighted; reuse misses (samples) {misses}; "
+                f"not preconditioned (all epochs): {causes}; batches discarded by the host: "
+                f"{self.discarded_batches}")
+
+    def _note_step(self, taken: list[MicroBatch], cause: str | None) -> None:
+        collect = any(mb.collect for mb in taken) if taken else self.in_collect_phase
+        phase = "collect" if collect else "reuse"
+        self.step_counts[phase] += 1
+        engaged = self._engaged or any(mb.root_scaled for mb in taken)
+        if engaged:
+            self.step_counts[f"{phase}_{'solved' if collect else 'weighted'}"] += 1
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -240,6 +269,10 @@ class FNGD(CaptureOptimizer):
             "counters": {k: v.detach().cpu().clone() for k, v in self._counters.items()},
             "store": None if self.store is None else self.store.state_dict(),
             "checked_capture": self._checked_capture,
+            "step_counts": dict(self.step_counts),
+            "epoch_start_counts": dict(self._epoch_start_counts),
+            "unpreconditioned": dict(self.unpreconditioned),
+            "discarded_batches": self.discarded_batches,
         }
         return sd
 
@@ -257,6 +290,10 @@ class FNGD(CaptureOptimizer):
         self._seen_ids = extra["seen_ids"].clone()
         self._counters = {k: v.clone() for k, v in extra["counters"].items()}
         self._checked_capture = bool(extra["checked_capture"])
+        self.step_counts = Counter(extra.get("step_counts", {}))
+        self._epoch_start_counts = Counter(extra.get("epoch_start_counts", {}))
+        self.unpreconditioned = Counter(extra.get("unpreconditioned", {}))
+        self.discarded_batches = int(extra.get("discarded_batches", 0))
         if self.store is not None and extra["store"] is not None:
             self.store.load_state_dict(extra["store"])
 
@@ -266,7 +303,22 @@ class FNGD(CaptureOptimizer):
             return True
         return self.refresh_every is not None and epoch % self.refresh_every == 0
 
+    def log_epoch(self) -> None:
+        """Log :meth:`epoch_line` for the current epoch, once (hosts call it when an epoch ends;
+        FNGD calls it itself when the next one starts)."""
+        if self._logged_epoch != self._epoch:
+            self._logged_epoch = self._epoch
+            logger.info(self.epoch_line())
+            misses = 0 if self.store is None else int(self.store.misses)
+            if misses > self._misses_warned:
+                self._misses_warned = misses
+                self._warn_once("misses", f"FNGD: {misses} samples in reuse steps found no stored coefficient of "
+                                "their own and got the mean stored one (ids or positions never collected, e.g. "
+                                "an update the host skipped, or batches of another size at that position)")
+
     def _end_epoch(self, epoch: int) -> None:
+        self.log_epoch()
+        self._epoch_start_counts = Counter(self.step_counts)
         if not self._is_collect(epoch):
             return
         s = self.stats()
@@ -327,11 +379,23 @@ class FNGD(CaptureOptimizer):
         self._position += 1
         self._since_signal += 1
         collect = self._is_collect(epoch) or self.store is None or self.store.empty
+        # Network reuse reweights the model's output gradient: every parameter below it gets the
+        # weighted gradient. If another optimizer owns some of them (FNGD on the body, AdamW on
+        # the head), reweight layer by layer instead (no Gram, no solve), leaving theirs alone.
+        by_layer = not collect and self.coefficients == "network" and self._capture.has_foreign(root)
+        if by_layer:
+            self._info_once("foreign", "FNGD: the model has trainable parameters this optimizer does not own; "
+                            "reuse steps reweight per layer (no Gram, no solve) so theirs keep the plain gradient")
         mb = MicroBatch(position=position, epoch=epoch, collect=collect,
-                        capture=collect or self.coefficients == "layer", ids=ids)
-        if not collect and self.coefficients == "network":
+                        capture=collect or self.coefficients == "layer" or by_layer, ids=ids)
+        if not collect and self.coefficients == "network" and not by_layer:
             mb.reweight = lambda n: self._reuse_weights(mb, n)
         return mb
+
+    def _info_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.info(msg)
 
     def _reuse_weights(self, mb: MicroBatch, n: int) -> Tensor:
         """Root output multipliers for a network-reuse batch: n * c_i (see the class docstring)."""
@@ -341,6 +405,7 @@ class FNGD(CaptureOptimizer):
         device = self._params[0].device
         c = self.store.get(NETWORK_BLOCK, n, ids=mb.ids, position=mb.position, device=device)
         if c is None:
+            self._unengaged("no_coefficients")
             return torch.ones(n, dtype=torch.float64, device=device)
         return (n * c).to(self._params[0].dtype)
 
@@ -371,7 +436,10 @@ class FNGD(CaptureOptimizer):
         per_mb = [self._blocks(self._reps(mb)) for mb in batches]
         live = [(mb, blocks) for mb, blocks in zip(batches, per_mb) if blocks]
         if not live:
+            if any(p.grad is not None for p in self._params):
+                self._unengaged("no_layer_gradient")
             return
+        self._engaged = True
         batches, per_mb = [x[0] for x in live], [x[1] for x in live]
         ns = [next(iter(b.values()))[0].n for b in per_mb]
         N = sum(n for mb, n in zip(batches, ns) if not mb.dummy)
@@ -394,7 +462,8 @@ class FNGD(CaptureOptimizer):
             if looked is not None:
                 for key, reps in blocks.items():
                     self._block_weighted(reps, n * kappa * looked[key], out)
-                    totals.append((n / N) * looked[key].sum())
+                share = 1.0 if self.coefficients == "network" else 1.0 / len(blocks)
+                totals.extend((n / N) * share * c.sum() for c in {id(c): c for c in looked.values()}.values())
             elif self.coefficients == "network":
                 budget = self.keep_per_sample
                 K = None
@@ -432,6 +501,9 @@ class FNGD(CaptureOptimizer):
         """Stored coefficients for a layer-reuse batch, or None if it must solve."""
         if mb.collect or self.store is None:
             return None
+        if self.coefficients == "network":  # reweighted per layer (another optimizer shares the model)
+            c = self.store.get(NETWORK_BLOCK, n, ids=mb.ids, position=mb.position, device=device)
+            return None if c is None else dict.fromkeys(blocks, c)
         looked = {k: self.store.get(k, n, ids=mb.ids, position=mb.position, device=device) for k in blocks}
         return None if any(v is None for v in looked.values()) else looked  # type: ignore[return-value]
 

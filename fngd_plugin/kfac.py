@@ -125,7 +125,8 @@ class KFAC(CaptureOptimizer):
 
     def stats(self) -> dict:
         c = {k: int(v) for k, v in self._counters.items()}
-        return {"steps": self._steps, "layers": len(self._layers), **c}
+        return {"steps": self._steps, "layers": len(self._layers), **c,
+                "unpreconditioned": dict(self.unpreconditioned), "discarded_batches": self.discarded_batches}
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

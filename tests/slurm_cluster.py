@@ -76,9 +76,13 @@ def _run(cmd: list[str]) -> str:
 def job_state(job_id: str) -> str:
     """The job's state, e.g. PENDING, RUNNING, COMPLETED, CANCELLED ("" while unknown).
 
-    squeue knows a live job at once; sacct (accounting) keeps it after it left the controller.
+    The controller answers first: ``squeue --states all --array`` lists a job, or one task of an
+    array (also a pending task still folded into the array's record), in every state for
+    MinJobAge (300 s in cluster.sh) after it ended. Accounting (sacct) keeps it afterwards, but
+    lags the controller, and a task cancelled while pending is recorded under the array's range
+    ("12_[1-2]"), not under its own id: so sacct is only asked when the controller no longer knows.
     """
-    state = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
+    state = _run(["squeue", "-h", "--array", "--states", "all", "-j", str(job_id), "-o", "%T"])
     if not state:
         state = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"])
     return state.split()[0] if state else ""  # "CANCELLED by 0" -> "CANCELLED"

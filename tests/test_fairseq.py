@@ -3,6 +3,8 @@ code path against brute-force per-sentence damped NGD (float64)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_registered_with_config_and_bad_values_fail_before_training():
                                              "--reuse", "bogus"])
 
 
-def collect_step_vs_brute_force(extra: list[str], lam: float = 0.3):
+def collect_step_vs_brute_force(extra: list[str], lam: float = 0.3, brute_force: bool = True):
     """One FNGD collect step through fairseq's task/criterion/optimizer code, and brute-force
     per-sentence damped NGD (float64) for the same batch. Returns (step, expected, model, fngd)."""
     cfg, task, model, criterion, batch = setup(["--optimizer", "fngd", "--lr", "1.0", "--momentum", "0",
@@ -61,19 +63,9 @@ def collect_step_vs_brute_force(extra: list[str], lam: float = 0.3):
                                                 "--normalize", "none", "--reuse", "off", *extra])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, params)  # switches attention to its module path (same math)
-    # brute force: each sentence's own summed loss through the batched forward, autograd per sentence
-    net_output = model(**batch["net_input"])
-    tok_loss, _ = criterion.compute_loss(model, net_output, batch, reduce=False)
-    per_sentence = tok_loss.view(batch["target"].shape).sum(1)
-    n, ntok = per_sentence.numel(), batch["ntokens"]
-    rows = []
-    for i in range(n):
-        gi = torch.autograd.grad(per_sentence[i], params, retain_graph=True)
-        rows.append(torch.cat([g.reshape(-1) for g in gi]) * n / ntok)  # host gradient = mean of rows
-    U = torch.stack(rows)
-    F = U.T @ U / n
-    expected = torch.linalg.solve(F + lam * torch.eye(U.shape[1]), U.mean(0))
-
+    expected = None
+    if brute_force:
+        expected = brute_force_direction(model, criterion, batch, params, lam)
     fngd = fairseq_ext.find_fngd(optimizer)
     assert isinstance(fngd, FNGD)
     before = torch.cat([p.detach().reshape(-1).clone() for p in params])
@@ -85,11 +77,39 @@ def collect_step_vs_brute_force(extra: list[str], lam: float = 0.3):
     return step, expected, model, fngd
 
 
+def brute_force_direction(model, criterion, batch, params, lam):
+    """Each sentence's own summed loss through the batched forward, autograd per sentence."""
+    net_output = model(**batch["net_input"])
+    tok_loss, _ = criterion.compute_loss(model, net_output, batch, reduce=False)
+    per_sentence = tok_loss.view(batch["target"].shape).sum(1)
+    n, ntok = per_sentence.numel(), batch["ntokens"]
+    rows = []
+    for i in range(n):
+        gi = torch.autograd.grad(per_sentence[i], params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gi]) * n / ntok)  # host gradient = mean of rows
+    U = torch.stack(rows)
+    F = U.T @ U / n
+    return torch.linalg.solve(F + lam * torch.eye(U.shape[1]), U.mean(0))
+
+
 def test_collect_step_is_per_sentence_damped_ngd(f64):
     step, expected, _, fngd = collect_step_vs_brute_force([])
     assert not fngd.coverage["uncovered"], fngd.coverage["line"]
     assert float((step - expected).norm() / expected.norm()) < 1e-8
     assert fngd.stats()["tied_approximations"] == 0
+
+
+def test_checkpoint_activations_collect_step_is_exact(f64):
+    """fairseq-train --checkpoint-activations: each layer runs without gradients in the forward and
+    again inside the backward (fairseq's checkpoint_wrapper, reentrant). The recomputation is
+    neither a new batch nor recorded twice: the step is still per-sentence damped NGD."""
+    _, expected, _, _ = collect_step_vs_brute_force([])  # autograd.grad refuses checkpointed graphs
+    step, _, model, fngd = collect_step_vs_brute_force(["--checkpoint-activations"], brute_force=False)
+    assert any("checkpoint" in type(m).__name__.lower() or hasattr(m, "precheckpoint_forward")
+               for m in model.modules()), "fairseq did not wrap its layers"
+    assert float((step - expected).norm() / expected.norm()) < 1e-8
+    s = fngd.stats()
+    assert s["collect_steps"] == 1 and s["unpreconditioned"] == {} and s["position"] == 1
 
 
 def test_every_linear_embedding_layernorm_parameter_is_covered(f64):
@@ -199,6 +219,12 @@ def test_real_fairseq_train_and_generate(corpus, tmp_path):
               "--max-epoch", "10", "--save-dir", str(tmp_path), "--no-progress-bar", "--num-workers", "0",
               "--required-batch-size-multiple", "1", "--no-epoch-checkpoints")
     assert "uncovered: none" in log and "FNGD: collect epoch 0 done" in log
+    # the adapter's line per epoch (at each epoch's end): every collect step solved, every reuse step reweighted
+    epochs = re.findall(r"FNGD epoch (\d+): (\d+)/(\d+) collect steps solved, (\d+)/(\d+) reuse steps reweighted; "
+                        r"reuse misses \(samples\) (\d+); not preconditioned \(all epochs\): none", log)
+    assert [int(e[0]) for e in epochs] == list(range(10)), epochs
+    assert epochs[0][1] == epochs[0][2] != "0" and epochs[0][3:5] == ("0", "0")
+    assert all(e[1:3] == ("0", "0") and e[3] == e[4] != "0" and e[5] == "0" for e in epochs[1:]), epochs
     losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines()
               if "| train | epoch" in line]
     assert len(losses) == 10 and all(b < a for a, b in zip(losses[1:], losses[2:]))  # reuse epochs keep improving

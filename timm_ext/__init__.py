@@ -8,7 +8,8 @@ train.py's ``--device-modules timm_ext``. On import it
   through ``--opt-kwargs damping=0.5 coefficients=layer reuse=position ...``);
 * makes every *training* loader that ``timm.data.create_loader`` builds tell the live FNGD
   optimizers when a new epoch starts (train.py gives the optimizer no other sign of epochs, and
-  builds it before the loader), so ``reuse="position"`` needs no ``steps_per_epoch``; a
+  builds it before the loader) and log FNGD's epoch line when it ends (collect steps solved,
+  reuse steps reweighted, steps not preconditioned by cause), so ``reuse="position"`` needs no ``steps_per_epoch``; a
   ``steps_per_epoch`` given by hand is checked against the real epoch length;
 * registers the model ``cifar_resnet18`` (3x3 stride-1 stem, no max-pool: the paper's setting).
 """
@@ -56,15 +57,22 @@ def _signal_new_epoch() -> None:
         opt.begin_epoch()
 
 
+def _log_epoch() -> None:
+    for opt in list(_live):
+        opt.log_epoch()  # one line: steps solved / steps in collect, reuse steps, what was not preconditioned
+
+
 def _wrap_training_loader(loader: Any) -> Any:
-    """Give this loader instance a subclass whose __iter__ first announces a new epoch."""
+    """Give this loader instance a subclass whose __iter__ announces a new epoch first and logs
+    FNGD's epoch line when the epoch's batches are exhausted."""
     base = type(loader)
     if getattr(base, "_fngd_epoch_signal", False):
         return loader
 
     def __iter__(self):  # noqa: N807
         _signal_new_epoch()
-        return base.__iter__(self)
+        yield from base.__iter__(self)
+        _log_epoch()
 
     loader.__class__ = type(base.__name__, (base,), {"__iter__": __iter__, "_fngd_epoch_signal": True})
     return loader
