@@ -76,6 +76,7 @@ class MicroBatch:
     calls: dict[nn.Module, list[Call]] = field(default_factory=dict)
     backward_seen: bool = False
     root_scaled: bool = False
+    n: int | None = None  # samples in the root's first input, where it has one
     # autograd graph tasks that delivered gradients to this batch (to place recomputed forwards)
     tasks: set[int] = field(default_factory=set)
     # calls of owned modules without gradients inside this forward (reentrant checkpointing), and
@@ -205,6 +206,9 @@ class ModuleCapture:
             else:
                 self.current = self._start_batch(module, args)
                 if self.current is not None:
+                    bd = self.batch_dims.get(module, 0)
+                    if args and isinstance(args[0], Tensor) and args[0].dim() > bd:
+                        self.current.n = args[0].shape[bd]
                     if len(self.pending) >= MAX_PENDING:  # forwards without step()/zero_grad(): do not hoard
                         del self.pending[0]
                         if not self.dropped:
@@ -280,7 +284,7 @@ class ModuleCapture:
         outs = [t for t in _tensors(out) if t.requires_grad]
         w = None
         if mb.reweight is not None:
-            sized = [t for t in outs if t.dim() > bd]
+            sized = [t for t in outs if t.dim() > bd and (mb.n is None or t.shape[bd] == mb.n)]
             if sized:
                 w = mb.reweight(sized[0].shape[bd])
         hooked = False

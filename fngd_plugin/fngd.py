@@ -253,6 +253,9 @@ class FNGD(CaptureOptimizer):
         collect = any(mb.collect for mb in taken) if taken else self.in_collect_phase
         phase = "collect" if collect else "reuse"
         self.step_counts[phase] += 1
+        for mb in taken:
+            if mb.reweight is not None and not mb.root_scaled and not mb.dummy:
+                self._unengaged("root_mismatch")
         engaged = self._engaged or any(mb.root_scaled for mb in taken)
         if engaged:
             self.step_counts[f"{phase}_{'solved' if collect else 'weighted'}"] += 1
@@ -305,8 +308,9 @@ class FNGD(CaptureOptimizer):
 
     def log_epoch(self) -> None:
         """Log :meth:`epoch_line` for the current epoch, once (hosts call it when an epoch ends;
-        FNGD calls it itself when the next one starts)."""
-        if self._logged_epoch != self._epoch:
+        FNGD calls it itself when the next one starts). Nothing before the epoch's first batch
+        (fairseq calls its end-of-epoch hook once when it loads a checkpoint, too)."""
+        if self._logged_epoch != self._epoch and self._position > 0:
             self._logged_epoch = self._epoch
             logger.info(self.epoch_line())
             misses = 0 if self.store is None else int(self.store.misses)

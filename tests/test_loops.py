@@ -434,3 +434,26 @@ def test_skipped_update_is_discarded_not_mixed_into_the_next(f64):
     assert rel(got, expected) < 1e-8
     s = opt.stats()
     assert s["discarded_batches"] == 1 and s["collect_steps"] == 1 and s["unpreconditioned"] == {}
+
+
+def test_reuse_root_output_without_the_batch_dimension_is_counted(f64):
+    """An output whose sample dimension is not 0 (time-first) cannot be reweighted: each reuse step
+    is counted and the first warns with the fix."""
+
+    class TimeFirstOut(Net):
+        def forward(self, x):
+            return super().forward(x).T  # (classes, samples)
+
+    torch.manual_seed(0)
+    model = TimeFirstOut().double()
+    opt = fngd(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches(4):
+            opt.zero_grad()
+            F.cross_entropy(model(x).T, y).backward()
+            opt.step()
+    s = opt.stats()
+    assert s["unpreconditioned"] == {"root_mismatch": 2} and s["steps"]["reuse_weighted"] == 0
+    assert s["steps"]["collect_solved"] == 2
+    assert sum("set_batch_dim(model, dim)" in str(w.message) for w in caught) == 1
