@@ -81,6 +81,7 @@ def job_state(job_id: str) -> str:
     MinJobAge (300 s in cluster.sh) after it ended. Accounting (sacct) keeps it afterwards, but
     lags the controller, and a task cancelled while pending is recorded under the array's range
     ("12_[1-2]"), not under its own id: so sacct is only asked when the controller no longer knows.
+    An array task cancelled before it started is in neither (measured, SLURM 22.05): "".
     """
     state = _run(["squeue", "-h", "--array", "--states", "all", "-j", str(job_id), "-o", "%T"])
     if not state:
@@ -98,4 +99,21 @@ def wait_state(job_id: str, states: Iterable[str], timeout: float = 60.0, poll: 
             return state
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} is {state or 'unknown'} after {timeout:.0f} s, not {sorted(wanted)}")
+        time.sleep(poll)
+
+
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def wait_ended(job_id: str, timeout: float = 60.0, poll: float = 0.5) -> str:
+    """Poll until the job is no longer active; returns its final state, "" when SLURM kept no record
+    of it (an array task cancelled while still pending never gets one). scancel is synchronous with
+    the controller, so the controller's answer right after it is already final for a pending task."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = job_state(job_id)
+        if state not in ACTIVE:
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} is still {state} after {timeout:.0f} s")
         time.sleep(poll)
