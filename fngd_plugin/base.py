@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 import warnings
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .capture import MicroBatch, ModuleCapture
-from .samplers import PerSampleGrads, find_sampler
+from .generic import batch_dim_of, generic_grads, generic_reason, own_params
+from .samplers import PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
 from .update import global_norm, momentum_step
 
 logger = logging.getLogger("fngd_plugin")
@@ -41,6 +43,13 @@ CAUSES = {
     "partly_frozen": "a module has both trainable and frozen (requires_grad=False) parameters; its trainable "
                      "parameters get the plain gradient. Freeze or unfreeze whole modules.",
     "no_coefficients": "a reuse step found no stored coefficients for its batch and used the plain gradient.",
+    "fallback_failed": "the torch.func fallback could not run a module under vmap; its parameters get the plain "
+                       "gradient from now on. Register a sampler for it (fngd_plugin.register_sampler) or pass "
+                       "generic_fallback=False.",
+    "not_independent": "a module covered by the torch.func fallback does not treat samples independently in its "
+                       "current mode, so its parameters got the plain gradient in this step. Put such modules in "
+                       "eval() (frozen BatchNorm), set their dropout / drop-path to 0, or pass "
+                       "generic_fallback=False to leave them to the plain gradient without this count.",
     "root_mismatch": "a reuse step found no output tensor of the model whose batch size matches the stored "
                      "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
                      "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",
@@ -93,7 +102,10 @@ class CaptureOptimizer(torch.optim.Optimizer):
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._coverable_cache: dict[int, bool] = {}
-        self._capture = ModuleCapture(self._params, self._start_batch, self._coverable)
+        self._routes: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._verified: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # subclasses checked on a first call
+        self._top_ids: set[int] = set()
+        self._capture = ModuleCapture(self._params, self._start_batch, self._coverable, self._keep_output)
         # device-side counters; read (synced) only in stats() and at epoch ends
         self._counters = {k: torch.zeros((), dtype=torch.float64) for k in self.counter_names}
         self._checked_capture = False
@@ -168,8 +180,35 @@ class CaptureOptimizer(torch.optim.Optimizer):
             self._coverable_cache[key] = hit
         return hit
 
+    def _route(self, module: nn.Module) -> str:
+        """How a covered module's per-sample gradients are computed: "sampler" (registered),
+        "subclass" (its parent's sampler, checked on the first call), or "generic" (torch.func)."""
+        route = self._routes.get(module)
+        if route is None:
+            if find_sampler(module) is not None:
+                route = "sampler"
+            elif override_base(module) is not None and post_reason(module) is None:
+                route = "subclass"
+            else:
+                route = "generic"
+            self._routes[module] = route
+        return route
+
+    def _generic_ok(self, module: nn.Module) -> bool:
+        """The torch.func fallback may cover this module (the optimizer allows it, the module has
+        parameters of its own and is not the model itself: the model's own parameters are used
+        outside any submodule, where no output gradient of theirs can be captured)."""
+        return (getattr(self, "generic_fallback", False) and bool(own_params(module))
+                and id(module) not in self._top_ids and module not in self._capture.roots)
+
+    def _keep_output(self, module: nn.Module) -> bool:
+        return self._routes.get(module) == "subclass" and module not in self._verified
+
     def _cover_reason(self, module: nn.Module) -> str | None:
         reason = self._unsupported(module)
+        if reason is not None and id(module) in self._top_ids and own_params(module):
+            names = ", ".join(k for k in own_params(module))
+            reason = f"the model's own parameters ({names}), used outside any submodule"
         if reason is None:
             foreign = [k for k, p in module._parameters.items()
                        if p is not None and p.requires_grad and id(p) not in self._index]
@@ -179,10 +218,14 @@ class CaptureOptimizer(torch.optim.Optimizer):
 
     def _coverage_report(self, model: nn.Module | None = None) -> dict:
         if model is not None:
-            modules = list(model.modules())
+            every = list(model.modules())
         else:
             # hosts give parameters only: find their owners among live modules
-            modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module) and o._parameters]
+            every = [o for o in gc.get_objects() if issubclass(type(o), nn.Module)]
+        modules = [m for m in every if m._parameters]
+        inner = {id(sub) for m in every for sub in list(m.modules())[1:]}
+        self._top_ids = {id(m) for m in modules if id(m) not in inner}
+        self._coverable_cache.clear()
         owners: dict[int, list[nn.Module]] = {}
         for m in modules:
             for p in m._parameters.values():
@@ -190,23 +233,34 @@ class CaptureOptimizer(torch.optim.Optimizer):
                     owners.setdefault(id(p), []).append(m)
         covered: Counter[str] = Counter()
         uncovered: Counter[str] = Counter()
+        generic: Counter[str] = Counter()
         reasons: dict[str, str] = {}
+        elements = covered_elements = 0
         for p in self._params:
             ms = owners.get(id(p), [])
             ok = [m for m in ms if self._coverable(m)]
+            elements += p.numel()
             if ok:
                 covered[type(ok[0]).__name__] += 1
+                covered_elements += p.numel()
+                if self._route(ok[0]) == "generic":
+                    generic[type(ok[0]).__name__] += 1
             else:
                 name = type(ms[0]).__name__ if ms else "<no module>"
                 uncovered[name] += 1
                 reasons[name] = self._cover_reason(ms[0]) if ms else "owned by no module (e.g. flattened copy)"
         total = len(self._params)
         n_cov = sum(covered.values())
+        fraction = covered_elements / elements if elements else 1.0
         cov = ", ".join(f"{k} {v}" for k, v in sorted(covered.items()))
+        gen = ", ".join(f"{k} {v}" for k, v in sorted(generic.items()))
         unc = "; ".join(f"{k} {v} ({reasons[k]})" for k, v in sorted(uncovered.items())) or "none"
-        line = (f"{type(self).__name__} coverage: {n_cov}/{total} parameter tensors covered ({cov or 'none'}); "
-                f"uncovered: {unc}")
-        return {"covered": dict(covered), "uncovered": dict(uncovered), "reasons": reasons, "line": line}
+        via = f"; by the torch.func fallback: {gen}" if gen else ""
+        line = (f"{type(self).__name__} coverage: {n_cov}/{total} parameter tensors, {100 * fraction:.2f}% of "
+                f"parameter elements covered ({cov or 'none'}){via}; uncovered: {unc}")
+        return {"covered": dict(covered), "uncovered": dict(uncovered), "generic": dict(generic), "reasons": reasons,
+                "tensors": (n_cov, total), "elements": (covered_elements, elements), "element_fraction": fraction,
+                "line": line}
 
     # ------------------------------------------------------------------ the FNGD direction
     def _add(self, key: str, value: Tensor) -> None:
@@ -241,15 +295,10 @@ class CaptureOptimizer(torch.optim.Optimizer):
             calls = seen
             if not calls:
                 continue
-            fn = find_sampler(module)
-            if fn is None:
-                raise RuntimeError(f"{type(self).__name__}: {type(module).__name__} was recorded but has no sampler")
             bd = self._capture.batch_dims.get(module, 0)
-            try:
-                parts = [fn(module, c.a, c.delta, bd, c.meta) for c in calls]
-            except (ValueError, TypeError, IndexError) as e:  # name the module; the host's traceback would not
-                raise type(e)(f"{type(self).__name__}: per-sample gradients of {type(module).__name__} failed: "
-                              f"{e}") from e
+            parts = self._module_grads(module, calls, bd)
+            if parts is None:
+                continue
             reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
         sizes = {r.n for r in reps.values()}
         if len(sizes) > 1:
@@ -257,6 +306,49 @@ class CaptureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"FNGD: modules disagree on the number of samples ({detail}); declare the sample "
                              "dimension of time-first modules with opt.set_batch_dim(module, dim)")
         return reps
+
+    def _module_grads(self, module: nn.Module, calls: list, bd: int) -> list[PerSampleGrads] | None:
+        """Per-sample gradients of one module's calls by its route; None: left to the plain gradient."""
+        route = self._route(module)
+        name = type(module).__name__
+        try:
+            if route == "sampler":
+                fn = find_sampler(module)
+                return [fn(module, c.a, c.delta, bd, c.meta) for c in calls]  # type: ignore[misc]
+            if route == "subclass":
+                base = override_base(module)
+                try:
+                    parts = [subclass_grads(module, base, c.a, c.delta, bd, c.meta,  # type: ignore[arg-type]
+                                            None if module in self._verified else c.out) for c in calls]
+                    self._verified.add(module)
+                    return parts
+                except SubclassMismatch as e:
+                    self._routes[module] = "generic"
+                    if not self._generic_ok(module):
+                        self._coverable_cache[id(module)] = False
+                        self._warn_once(f"mismatch-{name}", f"{type(self).__name__}: {e}; its parameters get the "
+                                        "plain gradient from now on")
+                        return None
+                    key = f"mismatch-{name}"
+                    if key not in self._warned:  # expected for e.g. LayerNorm2d: say it once, quietly
+                        self._warned.add(key)
+                        logger.info("%s: %s; the torch.func fallback computes its per-sample gradients",
+                                    type(self).__name__, e)
+            why = generic_reason(module)
+            if why is not None:
+                self._unengaged("not_independent", f" ({name}: {why})")
+                return None
+            bd = batch_dim_of(module, bd)
+            try:
+                return [generic_grads(module, c.args, c.kwargs, c.delta, bd) for c in calls]
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # not vmap-able (in-place ops on batched tensors, e.g. nn.GRU)
+                self._coverable_cache[id(module)] = False
+                self._unengaged("fallback_failed", f" ({name}: {str(e).splitlines()[0][:200]})")
+                return None
+        except (ValueError, TypeError, IndexError) as e:  # name the module; the host's traceback would not
+            raise type(e)(f"{type(self).__name__}: per-sample gradients of {name} failed: {e}") from e
 
     def _blocks(self, reps: dict[nn.Module, PerSampleGrads]) -> dict[int, list[PerSampleGrads]]:
         """Modules sharing a parameter form one block, keyed by its first parameter's index."""
@@ -330,11 +422,16 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 self._block_weighted(reps, w, seen)
         self._all_reduce_mean([g for _, g in seen.values()])
         bad = []
+        # a gradient that is zero up to rounding (a conv bias before a train-mode BatchNorm) is
+        # judged against the size of the whole gradient, not its own
+        total = math.sqrt(sum(float(p.grad.to(torch.float64).square().sum()) for p, _ in seen.values()
+                              if p.grad is not None))
         for p, g in seen.values():
             if p.grad is None:
                 continue
             ref = p.grad.to(torch.float64)
-            err = float((ref - kappa * g.to(torch.float64)).norm() / ref.norm().clamp_min(1e-30))
+            size = max(float(ref.norm()), 1e-6 * total, 1e-30)
+            err = float((ref - kappa * g.to(torch.float64)).norm()) / size
             if err > tolerance and float(ref.norm()) > 0:
                 bad.append(f"{tuple(p.shape)}: rel. error {err:.2g}")
         if bad:

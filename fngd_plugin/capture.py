@@ -56,10 +56,13 @@ MAX_PENDING = 64
 
 @dataclass
 class Call:
-    a: Tensor
+    a: Tensor  # the first input (what the registered samplers use)
     meta: dict
     delta: Tensor | None = None
     recomputed: bool = False  # recorded while activation checkpointing recomputed the forward
+    args: tuple = ()  # all inputs and keyword inputs (the torch.func fallback re-runs the module)
+    kwargs: dict = field(default_factory=dict)
+    out: Tensor | None = None  # kept only to check a subclass's math on its first call
 
 
 @dataclass
@@ -116,10 +119,13 @@ class ModuleCapture:
         params: Iterable[Tensor],
         start_batch: Callable[[nn.Module, tuple], MicroBatch | None],
         coverable: Callable[[nn.Module], bool],
+        keep_output: Callable[[nn.Module], bool] | None = None,
     ):
         self._param_ids = {id(p) for p in params}
         self._start_batch = start_batch
         self._coverable = coverable
+        self._keep_output = keep_output or (lambda module: False)
+        self.roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules that started batches
         # module -> list of (name, param) owned directly, or [] ; module -> witness or None
         self._owned: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, Tensor]]] = weakref.WeakKeyDictionary()
         self._witness: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -140,14 +146,14 @@ class ModuleCapture:
             if cap is not None:
                 cap._pre(module, args)
 
-        def post(module: nn.Module, args: tuple, out: Any) -> None:
+        def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             cap = ref()
             if cap is not None:
-                cap._post(module, args, out)
+                cap._post(module, args, kwargs, out)
 
         self._handles = [
             _module.register_module_forward_pre_hook(pre),
-            _module.register_module_forward_hook(post, always_call=True),
+            _module.register_module_forward_hook(post, with_kwargs=True, always_call=True),
         ]
         weakref.finalize(self, _remove_all, list(self._handles))
 
@@ -206,6 +212,7 @@ class ModuleCapture:
             else:
                 self.current = self._start_batch(module, args)
                 if self.current is not None:
+                    self.roots.add(module)
                     bd = self.batch_dims.get(module, 0)
                     if args and isinstance(args[0], Tensor) and args[0].dim() > bd:
                         self.current.n = args[0].shape[bd]
@@ -237,7 +244,7 @@ class ModuleCapture:
                 return mb
         return None
 
-    def _post(self, module: nn.Module, args: tuple, out: Any) -> None:
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if torch.compiler.is_compiling() or not self._active() or not self._contains(module):
             return
         if self._stances and self._stances[-1][0] is module:
@@ -245,10 +252,10 @@ class ModuleCapture:
         mb = self.current
         if mb is not None and mb.capture and self._records(module):
             if not self._recomputing:
-                self._record(mb, module, args, out)
+                self._record(mb, module, args, kwargs, out)
             elif mb.nograd_calls[module] > mb.recomputed[module]:
                 mb.recomputed[module] += 1
-                self._record(mb, module, args, out, recomputed=True)
+                self._record(mb, module, args, kwargs, out, recomputed=True)
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0 and mb is not None:
             if not self._recomputing:
@@ -256,10 +263,15 @@ class ModuleCapture:
             self.current = None
             self._recomputing = False
 
-    def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, out: Any, recomputed: bool = False) -> None:
+    def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, kwargs: dict, out: Any,
+                recomputed: bool = False) -> None:
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+            out = out[0]  # (output, extras): nn.MultiheadAttention returns (attention output, weights)
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
             return
-        call = Call(args[0].detach(), sampler_meta(module), recomputed=recomputed)
+        detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        call = Call(detached[0], sampler_meta(module), recomputed=recomputed, args=detached, kwargs=dict(kwargs),
+                    out=out.detach() if self._keep_output(module) else None)
         mb.calls.setdefault(module, []).append(call)
 
         def on_grad(g: Tensor) -> None:
@@ -268,7 +280,8 @@ class ModuleCapture:
             mb.tasks.add(_graph_task())
 
         base = out._base if out._is_view() else None
-        if base is not None and base.grad_fn is not None and base.numel() == out.numel() and base.is_contiguous():
+        if (base is not None and base.grad_fn is not None and base.numel() == out.numel() and base.is_contiguous()
+                and out.is_contiguous()):  # a reshape of its base (a permuted view is not)
             # The output is a view (nn.Linear on a contiguous 3-D input returns one). An in-place op
             # on a view re-bases its history and drops tensor hooks registered on it, so listen on
             # the node that produced the base instead: it still runs, with the same gradient.

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .base import CaptureOptimizer, check_choice, check_number, check_sgd_args
 from .capture import MicroBatch
-from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, unsupported_reason
+from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, override_base, post_reason, unsupported_reason
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
 from .store import CoefficientStore
 
@@ -82,6 +82,10 @@ class FNGD(CaptureOptimizer):
             are dropped (reported once).
         keep_per_sample: with coefficients="network", per-sample gradients materialised for the
             Gram are kept (up to this many elements) so the weighted sum needs no second pass.
+        generic_fallback: cover a module that owns parameters but has no registered sampler (and is
+            not a subclass recognised as its parent's math) with exact torch.func per-sample
+            gradients of its own parameters (``generic.py``); False leaves such modules to the
+            plain gradient.
     """
 
     counter_names = ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
@@ -105,6 +109,7 @@ class FNGD(CaptureOptimizer):
         refresh_every: int | None = None,
         dense_tied_limit: int = 2**26,
         keep_per_sample: int = 2**26,
+        generic_fallback: bool = True,
     ):
         check_sgd_args(lr, momentum, weight_decay, nesterov)
         check_number("damping", damping, minimum=0.0, strict=True)
@@ -118,6 +123,9 @@ class FNGD(CaptureOptimizer):
         check_number("refresh_every", refresh_every, minimum=1, integer=True, optional=True)
         check_number("dense_tied_limit", dense_tied_limit, minimum=0, integer=True)
         check_number("keep_per_sample", keep_per_sample, minimum=0, integer=True)
+        if not isinstance(generic_fallback, bool):
+            raise TypeError(f"generic_fallback={generic_fallback!r} must be True or False")
+        self.generic_fallback = generic_fallback  # read by the coverage report in super().__init__
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
 
@@ -363,7 +371,10 @@ class FNGD(CaptureOptimizer):
                 self._seen_ids[ids.cpu()] = True
 
     def _unsupported(self, module: nn.Module) -> str | None:
-        return unsupported_reason(module)
+        reason = unsupported_reason(module)
+        if reason is None or (override_base(module) is not None and post_reason(module) is None):
+            return None
+        return None if self._generic_ok(module) else reason
 
     def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch | None:
         ids, self._next_ids = self._next_ids, None

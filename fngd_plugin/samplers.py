@@ -392,6 +392,109 @@ def find_sampler(module: nn.Module) -> SamplerFn | None:
     return None if base is None else _SAMPLERS[base]
 
 
+# ---------------------------------------------------------------------- subclasses that override forward
+# For a registered layer type, the output of its own math from the recorded input: a subclass
+# that overrides forward() (timm's LayerNorm, Linear, BatchNormAct2d, ...) is covered by the
+# parent's sampler when, checked on its first call, its output equals the parent's output
+# followed by its own ``drop`` and ``act`` submodules (if it has them). The output gradient is
+# then pulled back through those to the parent's output before the parent's sampler runs.
+_PARENT_OUTPUT: dict[type, Callable[[nn.Module, Tensor, dict], Tensor]] = {}
+
+
+def register_parent_output(*types: type):
+    def deco(fn):
+        for t in types:
+            _PARENT_OUTPUT[t] = fn
+        return fn
+
+    return deco
+
+
+@register_parent_output(nn.Linear)
+def _linear_output(m: nn.Module, a: Tensor, meta: dict) -> Tensor:
+    return F.linear(a, m.weight, m.bias)
+
+
+@register_parent_output(nn.Conv2d)
+def _conv2d_output(m: nn.Module, a: Tensor, meta: dict) -> Tensor:
+    return m._conv_forward(a, m.weight, m.bias)  # type: ignore[operator]
+
+
+@register_parent_output(nn.LayerNorm)
+def _layernorm_output(m: nn.Module, a: Tensor, meta: dict) -> Tensor:
+    return F.layer_norm(a, tuple(m.normalized_shape), m.weight, m.bias, m.eps)
+
+
+@register_parent_output(nn.BatchNorm2d)
+def _batchnorm_output(m: nn.Module, a: Tensor, meta: dict) -> Tensor:
+    if meta.get("batch_stats", True):  # no running-stat update here: this only recomputes
+        return F.batch_norm(a, None, None, m.weight, m.bias, True, 0.0, m.eps)
+    return F.batch_norm(a, meta["mean"], meta["var"], m.weight, m.bias, False, 0.0, m.eps)
+
+
+def override_base(module: nn.Module) -> type | None:
+    """The registered parent of a subclass that overrides forward(), if its math can be recomputed."""
+    cls = type(module)
+    if cls in _SAMPLERS:
+        return None
+    for base in cls.__mro__[1:]:
+        if base in _SAMPLERS:
+            return base if cls.forward is not base.forward and base in _PARENT_OUTPUT else None
+    return None
+
+
+def post_ops(module: nn.Module) -> list[nn.Module]:
+    """The ``drop`` then ``act`` submodules a norm+activation subclass applies after its parent."""
+    return [m for m in (getattr(module, "drop", None), getattr(module, "act", None)) if isinstance(m, nn.Module)]
+
+
+def post_reason(module: nn.Module) -> str | None:
+    """Why the post-ops cannot be pulled back exactly (random in training), or None."""
+    for m in post_ops(module):
+        p = getattr(m, "p", None)
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and p:
+            return f"its {type(m).__name__}(p={p}) is random in training"
+    extra = [k for k, _ in module.named_children() if k not in ("drop", "act")]
+    if extra:
+        return f"it has submodules {extra} besides drop/act"
+    return None
+
+
+def subclass_grads(module: nn.Module, base: type, a: Tensor, delta: Tensor, batch_dim: int, meta: dict,
+                   out: Tensor | None) -> PerSampleGrads:
+    """The parent's sampler, after pulling ``delta`` back through the subclass's drop/act. With
+    ``out`` (the first call) the recomputation is checked against what the module returned."""
+    dt = compute_dtype(delta.dtype)
+    ops = post_ops(module)
+    if out is not None or ops:
+        try:
+            y = _PARENT_OUTPUT[base](module, a.to(dt), meta)
+        except (RuntimeError, ValueError) as e:  # e.g. LayerNorm2d normalises another dimension
+            if out is None:
+                raise
+            raise SubclassMismatch(f"{type(module).__name__}.forward does not compute {base.__name__} ({e})") from e
+
+        def post(t: Tensor) -> Tensor:
+            for m in ops:
+                t = m(t.clone())  # activations may run in place
+            return t
+
+        if out is not None:
+            got = post(y.detach())
+            tol = 1e-2 if out.dtype in (torch.float16, torch.bfloat16) else 1e-5
+            if got.shape != out.shape or not torch.allclose(got, out.to(dt), rtol=tol, atol=tol):
+                raise SubclassMismatch(f"{type(module).__name__}.forward does not compute {base.__name__}"
+                                       + (f" followed by {[type(m).__name__ for m in ops]}" if ops else ""))
+        if ops:
+            _, pullback = torch.func.vjp(post, y.detach())
+            (delta,) = pullback(delta.to(dt))
+    return _SAMPLERS[base](module, a, delta, batch_dim, meta)
+
+
+class SubclassMismatch(ValueError):
+    """A subclass's output is not its parent's math (then the generic fallback is tried)."""
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why this module's parameters cannot be covered, or None if they can."""
     base = _registered_base(module)

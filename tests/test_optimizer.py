@@ -296,12 +296,19 @@ def test_coverage_report_and_uncovered_update(f64, caplog):
             return self.head(self.rnn(x)[0][:, -1]) * self.scale
 
     model = Mixed()
+    # the torch.func fallback covers the GRU by default; the model's own `scale` stays uncovered
+    default = FNGD(model.parameters(), lr=1.0).coverage
+    assert default["generic"] == {"GRU": 4} and default["uncovered"] == {"Mixed": 1}, default["line"]
+    assert "the model's own parameters (scale), used outside any submodule" in default["line"]
+    assert default["elements"] == (sum(p.numel() for p in model.parameters()) - 1,
+                                   sum(p.numel() for p in model.parameters()))
+    del default
     with caplog.at_level("INFO", logger="fngd_plugin"):
         opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, reuse="off", normalize="none", damping=0.3,
-                   damping_mode="absolute")
+                   damping_mode="absolute", generic_fallback=False)
     line = opt.coverage["line"]
     assert line in caplog.text
-    assert "2/7 parameter tensors covered (Linear 2)" in line
+    assert "2/7 parameter tensors, 8.40% of parameter elements covered (Linear 2)" in line
     assert "GRU 4 (no sampler for GRU)" in line and "Mixed 1" in line
     x, y = torch.randn(6, 5, 3), torch.randint(0, 2, (6,))
     # uncovered parameters: host gradient times sum_i c_i, with c from the covered Gram
