@@ -194,7 +194,8 @@ def test_kfac_keeps_its_own_coverage_rules():
 
 FAMILIES = {
     "resnet18": {}, "resnext26ts": {}, "convnext_atto": {},
-    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8}, "deit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
+    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
+    "deit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
     "efficientnet_b0": {}, "mobilenetv3_small_050": {}, "regnetx_002": {},
 }
 
