@@ -41,6 +41,7 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --out results/benchmark.md
+	$(PY) benchmarks/fallback_cost.py --out results/fallback_cost.md
 
 clean:
 	rm -rf $(VENV)

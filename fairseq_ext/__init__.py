@@ -79,6 +79,9 @@ class FairseqFNGDConfig(FairseqDataclass):
         default="sum", metadata={"help": "sum: coefficients of a batch sum to 1 (SGD scale); none: exact NGD step"})
     max_update_norm: Optional[float] = field(default=None, metadata={"help": "clip the global norm of the direction"})
     refresh_every: Optional[int] = field(default=None, metadata={"help": "solve again every this many epochs"})
+    no_generic_fallback: bool = field(default=False, metadata={
+        "help": "leave modules without a sampler (e.g. learned positional embeddings) to the plain gradient "
+                "instead of covering them with exact torch.func per-sample gradients"})
     lr: List[float] = II("optimization.lr")
 
 
@@ -207,7 +210,8 @@ class FairseqFNGD(_Wrapped):
         return dict(lr=c.lr[0], momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov,
                     damping=c.damping, damping_mode=str(c.damping_mode), coefficients=str(c.coefficients),
                     reuse=str(c.reuse), collect_epochs=c.collect_epochs, normalize=str(c.normalize),
-                    max_update_norm=c.max_update_norm, refresh_every=c.refresh_every)
+                    max_update_norm=c.max_update_norm, refresh_every=c.refresh_every,
+                    generic_fallback=not c.no_generic_fallback)
 
 
 @register_optimizer("kfac", dataclass=FairseqKFACConfig)

@@ -88,8 +88,10 @@ def brute_force_direction(model, criterion, batch, params, lam):
         gi = torch.autograd.grad(per_sentence[i], params, retain_graph=True)
         rows.append(torch.cat([g.reshape(-1) for g in gi]) * n / ntok)  # host gradient = mean of rows
     U = torch.stack(rows)
-    F = U.T @ U / n
-    return torch.linalg.solve(F + lam * torch.eye(U.shape[1]), U.mean(0))
+    if U.shape[1] <= 4000:  # (F + lam I)^-1 gbar as a d x d solve
+        return torch.linalg.solve(U.T @ U / n + lam * torch.eye(U.shape[1]), U.mean(0))
+    # larger d (learned position tables): the same solve in its n x n form
+    return U.T @ torch.linalg.solve(U @ U.T + n * lam * torch.eye(n), torch.ones(n))
 
 
 def test_collect_step_is_per_sentence_damped_ngd(f64):
@@ -143,6 +145,11 @@ def test_every_linear_embedding_layernorm_parameter_is_covered(f64):
     assert fngd.coverage["uncovered"] == {} and fngd.coverage["generic"] == {"LearnedPositionalEmbedding": 2}
     assert float((step - expected).norm() / expected.norm()) < 1e-8
     assert fngd.stats()["unpreconditioned"] == {}
+    cfg, _, model, _, _ = setup(["--optimizer", "fngd", "--lr", "0.1", "--encoder-learned-pos",
+                                 "--no-generic-fallback"])
+    fngd = fairseq_ext.find_fngd(build_optimizer(cfg.optimizer, list(model.parameters())))
+    assert fngd.coverage["uncovered"] == {"LearnedPositionalEmbedding": 1}, fngd.coverage["line"]
+    assert "overrides forward()" in fngd.coverage["reasons"]["LearnedPositionalEmbedding"]
 
 
 # ------------------------------------------------------------------------------ corpus and real CLIs
