@@ -219,3 +219,37 @@ def test_timm_families_are_covered(name):
     assert not [str(w.message) for w in caught if "FNGD" in str(w.message)]
     s = opt.stats()
     assert s["collect_steps"] == 1 and s["unpreconditioned"] == {} and s["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224"])
+def test_timm_family_collect_step_is_exact(f64, name):
+    """One collect step of the whole model against brute force (float64), over the covered
+    parameters; the uncovered ones (ViT's cls_token, pos_embed) get the host gradient times
+    sum_i c_i. (EfficientNet / MobileNetV3 pass too, with BatchNorm statistics frozen, but their
+    brute force takes 50-90 s here; their BatchNormAct2d route is checked in the layer test.)"""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, **FAMILIES[name]).double()
+    _freeze_bn_stats(model)
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 3, (3,))
+    opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, damping=LAM, damping_mode="absolute", normalize="none",
+               reuse="off")
+    uncovered = {"cls_token", "pos_embed"} if name.startswith("vit") else set()
+    names = [k for k, _ in model.named_parameters() if k not in uncovered]
+    gs = per_sample_grads(model, F.cross_entropy, x, y)
+    U = flat(gs, names)
+    c = torch.linalg.solve(U @ U.T + 3 * LAM * torch.eye(3, dtype=U.dtype), torch.ones(3, dtype=U.dtype))
+    expected = U.T @ c
+    params = dict(model.named_parameters())
+    before = torch.cat([params[k].detach().reshape(-1).clone() for k in names])
+    before_unc = {k: params[k].detach().clone() for k in uncovered}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        host = {k: params[k].grad.clone() for k in uncovered}
+        opt.step()
+    assert not [str(w.message) for w in caught if "FNGD" in str(w.message)]
+    step = before - torch.cat([params[k].detach().reshape(-1) for k in names])
+    assert float((step - expected).norm() / expected.norm()) < 1e-8
+    for k in uncovered:
+        assert torch.allclose(before_unc[k] - params[k].detach(), host[k] * c.sum(), rtol=1e-8, atol=1e-12)
