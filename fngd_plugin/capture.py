@@ -146,9 +146,12 @@ class ModuleCapture:
             if cap is not None:
                 cap._pre(module, args)
 
-        def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        def post(module: nn.Module, args: tuple, *rest: Any) -> None:
+            # (kwargs, output); torch calls an always_call hook with (output) alone when the
+            # forward raised (e.g. non-reentrant checkpointing stopping its recomputation early)
             cap = ref()
             if cap is not None:
+                kwargs, out = rest if len(rest) == 2 else ({}, rest[0])
                 cap._post(module, args, kwargs, out)
 
         self._handles = [

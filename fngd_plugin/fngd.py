@@ -414,7 +414,8 @@ class FNGD(CaptureOptimizer):
 
     def _reuse_weights(self, mb: MicroBatch, n: int) -> Tensor:
         """Root output multipliers for a network-reuse batch: n * c_i (see the class docstring)."""
-        assert self.store is not None
+        if not (self.store is not None):  # an invariant, kept under python -O
+            raise RuntimeError("fngd_plugin internal error: expected self.store is not None")
         if mb.ids is not None and mb.ids.numel() != n:
             raise ValueError(f"set_sample_ids got {mb.ids.numel()} ids but the model output has batch size {n}")
         device = self._params[0].device

@@ -83,7 +83,8 @@ def _gram_of(grads: Sequence[Tensor]) -> Tensor:
     for g in grads:
         f = g.reshape(n, -1)
         K = f @ f.T if K is None else K + f @ f.T
-    assert K is not None
+    if not (K is not None):  # an invariant, kept under python -O
+        raise RuntimeError("fngd_plugin internal error: expected K is not None")
     return K
 
 
@@ -125,7 +126,8 @@ def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     for s in range(0, q, step):
         G = torch.bmm(Dt[:, s:s + step], A).reshape(n, -1)
         K = G @ G.T if K is None else K + G @ G.T
-    assert K is not None
+    if not (K is not None):  # an invariant, kept under python -O
+        raise RuntimeError("fngd_plugin internal error: expected K is not None")
     if bias:
         Gb = D.sum(dim=1)
         K = K + Gb @ Gb.T
@@ -177,7 +179,8 @@ class FactoredGrads(PerSampleGrads):
     @classmethod
     def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
         first = reps[0]
-        assert isinstance(first, FactoredGrads)
+        if not (isinstance(first, FactoredGrads)):  # an invariant, kept under python -O
+            raise RuntimeError("fngd_plugin internal error: expected isinstance(first, FactoredGrads)")
         A = torch.cat([r.A for r in reps], dim=1)  # type: ignore[attr-defined]
         D = torch.cat([r.D for r in reps], dim=1)  # type: ignore[attr-defined]
         return cls(A, D, first.weight, first.bias)
@@ -322,7 +325,8 @@ class ConvGrads(PerSampleGrads):
             if self.bias is not None:
                 bgrad = dw.sum(dim=(0, 2, 3))
                 gb = bgrad if gb is None else gb + bgrad
-        assert gw is not None
+        if not (gw is not None):  # an invariant, kept under python -O
+            raise RuntimeError("fngd_plugin internal error: expected gw is not None")
         return [gw] if gb is None else [gw, gb]
 
     def materialize(self) -> list[Tensor]:
@@ -342,13 +346,15 @@ class ConvGrads(PerSampleGrads):
             if self.bias is not None:
                 b = delta.sum(dim=(2, 3))
                 gb = b if gb is None else gb + b
-        assert gw is not None
+        if not (gw is not None):  # an invariant, kept under python -O
+            raise RuntimeError("fngd_plugin internal error: expected gw is not None")
         return [gw] if gb is None else [gw, gb]
 
     @classmethod
     def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
         first = reps[0]
-        assert isinstance(first, ConvGrads)
+        if not (isinstance(first, ConvGrads)):  # an invariant, kept under python -O
+            raise RuntimeError("fngd_plugin internal error: expected isinstance(first, ConvGrads)")
         first.calls = [c for r in reps for c in r.calls]  # type: ignore[attr-defined]
         return first
 

@@ -297,7 +297,7 @@ def test_coverage_report_and_uncovered_update(f64, caplog):
 
     model = Mixed()
     # the torch.func fallback covers the GRU by default; the model's own `scale` stays uncovered
-    default = FNGD(model.parameters(), lr=1.0).coverage
+    default = FNGD(model.parameters(), lr=1.0, reuse="off").coverage
     assert default["generic"] == {"GRU": 4} and default["uncovered"] == {"Mixed": 1}, default["line"]
     assert "the model's own parameters (scale), used outside any submodule" in default["line"]
     assert default["elements"] == (sum(p.numel() for p in model.parameters()) - 1,
