@@ -106,7 +106,22 @@ def _is_compiled_module(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+# Hooks of a capture garbage-collected while dynamo compiles wait here: dynamo builds guards on
+# the global hook dict it traced, and a hook removed meanwhile breaks that compile (KeyError).
+_deferred: list = []
+
+
+def _compiling() -> bool:
+    ctx = getattr(getattr(torch, "_guards", None), "CompileContext", None)
+    return ctx is not None and ctx.try_get() is not None
+
+
 def _remove_all(handles: list) -> None:
+    if _compiling():
+        _deferred.extend(handles)
+        return
+    while _deferred:
+        _deferred.pop().remove()
     for h in handles:
         h.remove()
 
@@ -154,6 +169,7 @@ class ModuleCapture:
                 kwargs, out = rest if len(rest) == 2 else ({}, rest[0])
                 cap._post(module, args, kwargs, out)
 
+        _remove_all([])  # hooks of collected captures deferred by a compile: gone now
         self._handles = [
             _module.register_module_forward_pre_hook(pre),
             _module.register_module_forward_hook(post, with_kwargs=True, always_call=True),

@@ -351,3 +351,24 @@ def test_forwards_without_steps_do_not_hoard_activations():
         for _ in range(MAX_PENDING + 5):
             F.cross_entropy(model(x), y).backward()
     assert len(opt._capture.pending) == MAX_PENDING
+
+
+def test_hooks_of_an_optimizer_collected_during_a_compile_wait_until_it_ends():
+    """gc can collect an old optimizer while dynamo compiles (it allocates a lot); dynamo then builds
+    guards on the global hook dict it traced, so the hooks must stay until the compile is over."""
+    import torch._guards as guards
+
+    from fngd_plugin import capture
+
+    gc.collect()
+    before = hook_count()
+    opt = FNGD(MODELS["mlp"]().parameters(), lr=0.1, reuse="off")
+    with guards.compile_context(guards.CompileContext(None)):
+        del opt
+        gc.collect()
+        assert hook_count() == before + 2 and len(capture._deferred) == 2
+    opt2 = FNGD(MODELS["mlp"]().parameters(), lr=0.1, reuse="off")  # the next capture clears them
+    assert hook_count() == before + 2 and not capture._deferred
+    del opt2
+    gc.collect()
+    assert hook_count() == before
