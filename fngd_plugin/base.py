@@ -267,6 +267,11 @@ class CaptureOptimizer(torch.optim.Optimizer):
         c = self._counters[key]
         self._counters[key] = c.to(value.device) + value.to(torch.float64)
 
+    def _info_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.info(msg)
+
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -329,11 +334,9 @@ class CaptureOptimizer(torch.optim.Optimizer):
                         self._warn_once(f"mismatch-{name}", f"{type(self).__name__}: {e}; its parameters get the "
                                         "plain gradient from now on")
                         return None
-                    key = f"mismatch-{name}"
-                    if key not in self._warned:  # expected for e.g. LayerNorm2d: say it once, quietly
-                        self._warned.add(key)
-                        logger.info("%s: %s; the torch.func fallback computes its per-sample gradients",
-                                    type(self).__name__, e)
+                    # expected for e.g. LayerNorm2d: said once, quietly
+                    self._info_once(f"mismatch-{name}", f"{type(self).__name__}: {e}; the torch.func fallback "
+                                    "computes its per-sample gradients")
             why = generic_reason(module)
             if why is not None:
                 self._unengaged("not_independent", f" ({name}: {why})")

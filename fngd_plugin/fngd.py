@@ -407,10 +407,6 @@ class FNGD(CaptureOptimizer):
             mb.reweight = lambda n: self._reuse_weights(mb, n)
         return mb
 
-    def _info_once(self, key: str, msg: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.info(msg)
 
     def _reuse_weights(self, mb: MicroBatch, n: int) -> Tensor:
         """Root output multipliers for a network-reuse batch: n * c_i (see the class docstring)."""
