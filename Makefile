@@ -9,18 +9,20 @@ STAMP := $(VENV)/.fngd-installed
 venv: $(STAMP)
 
 # torch/torchvision first (the pair that works together here), then fairseq-fixed, which
-# compiles against that torch and therefore needs --no-build-isolation, then this project.
-# A regular (not editable) install: the .pth that loads the plugins into timm and fairseq only
-# ships that way. Sources are listed so that an edit reinstalls (pure Python, seconds).
-SOURCES := $(wildcard fngd_plugin/*.py timm_ext/*.py fairseq_ext/*.py slurm/*.py slurm/*.sh slurm/presets/*.toml analysis/*.py) fngd_plugin_autoload.py fngd-plugin.pth setup.py
+# compiles against that torch and therefore needs --no-build-isolation, then this project,
+# editable: the tests, the CLIs and the plugin autoload (fngd-plugin.pth, which setup.py ships in
+# editable installs too) all run the working tree, so an edit needs no reinstall. Every install
+# is held to constraints.txt, the exact versions this machine is tested with.
+CONSTRAINTS := constraints.txt
+PIPC := $(PIP) install -q -c $(CONSTRAINTS)
 
-$(STAMP): pyproject.toml Makefile $(SOURCES)
+$(STAMP): pyproject.toml setup.py fngd-plugin.pth $(CONSTRAINTS) Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q cython wheel numpy
-	$(PIP) install -q --no-build-isolation fairseq-fixed==0.12.3.1
-	$(PIP) install -q '.[timm,fairseq,sweep,analysis,lightning,dev]'
+	$(PIPC) torch torchvision
+	$(PIPC) cython wheel numpy
+	$(PIPC) --no-build-isolation fairseq-fixed
+	$(PIPC) -e '.[timm,fairseq,sweep,analysis,lightning,dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

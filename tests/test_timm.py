@@ -44,6 +44,18 @@ def test_fresh_interpreter_autoloads_the_plugin_without_torch_at_start():
     assert out == "False True True True"
 
 
+def test_fresh_interpreter_runs_the_working_tree():
+    # the install is editable: subprocesses (fairseq-train, python -m fngd_slurm, timm's autoload)
+    # import this checkout, not a stale copy in site-packages
+    root = Path(__file__).resolve().parents[1]
+    out = run_py("import timm, timm_ext, fngd_plugin, fairseq_ext, fngd_slurm, fngd_analysis, fngd_plugin_autoload\n"
+                 "for m in (timm_ext, fngd_plugin, fairseq_ext, fngd_slurm, fngd_analysis, fngd_plugin_autoload):\n"
+                 "    print(m.__file__)")
+    files = [Path(f).resolve() for f in out.splitlines()]
+    assert len(files) == 6 and all(root in f.parents for f in files), (root, files)
+    assert [f.parent.name for f in files[3:5]] == ["slurm", "analysis"]
+
+
 def test_opt_out_and_device_modules_path():
     code = ("import sys, timm.optim\nprint('fngd' in timm.optim.list_optimizers())\n"
             "import importlib; importlib.import_module('timm_ext')\nprint('fngd' in timm.optim.list_optimizers())")
