@@ -1,7 +1,7 @@
 """Read training results into one tidy DataFrame: one row per (run, epoch).
 
 Inputs (files, or directories searched recursively):
-  * ``record.json``: run records (format ``fngd-run/1``, see ``fngd_plugin/records.py``). Runs
+  * ``record.json``: run records (format ``fngd-run/1``, see ``fngd_records.py``). Runs
     still going or killed (status running/failed) contribute their complete epochs.
   * ``summary.csv``: a plain timm ``train.py`` output directory (columns epoch, train_loss,
     eval_loss, eval_top1, ...; timm counts epochs from 0, here they count from 1 like records).
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fngd_plugin.records import RunRecord
+from fngd_records import RunRecord
 
 EPOCH_FIELDS = ["epoch", "step", "time", "wall", "epoch_time", "train_loss", "val_loss", "val_metric", "phase"]
 RUN_FIELDS = ["run", "task", "kind", "optimizer", "config", "seed", "status", "metric", "mode", "source"]

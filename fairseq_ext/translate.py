@@ -13,7 +13,7 @@ e.g. ``python -m fairseq_ext.translate data/corpus/bin --out runs/t1 -- --arch t
 2. ``fairseq-generate DATA_BIN --path checkpoint_best.pt --gen-subset test --scoring sacrebleu
    --required-batch-size-multiple 1`` (no test sentence dropped), output in
    RUN_DIR/generate-test.txt;
-3. RUN_DIR/record.json (format: fngd_plugin/records.py): per epoch train loss, validation loss
+3. RUN_DIR/record.json (format: fngd_records.py): per epoch train loss, validation loss
    and BLEU, optimisation seconds (from the moment fairseq starts iterating over an epoch's
    samples to the moment it begins validation, timed here as its log lines arrive), FNGD's phase;
    final test BLEU and the number of sentences translated.
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fngd_plugin.records import RunRecord, run_config
+    from fngd_records import RunRecord, run_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)

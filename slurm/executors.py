@@ -4,7 +4,7 @@ Both give the same layout, per run ``<sweep root>/runs/<run id>/``:
 
     run.json              the run as planned (command, resources, configuration)
     submission.json       how and when it was last launched (executor, job id or pid)
-    record.json           written by the run itself (fngd_plugin/records.py)
+    record.json           written by the run itself (fngd_records.py)
     logs/attempt-N.log    stdout + stderr of each attempt
     checkpoint.pt | checkpoints/   the host's own checkpoints, from which a re-run resumes
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fngd_plugin.records import write_json_atomic
+from fngd_records import write_json_atomic
 
 from .sweep import Resources, Run, SweepError
 

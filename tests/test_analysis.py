@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 import fngd_analysis  # noqa: E402
 from fngd_analysis.__main__ import main  # noqa: E402
 
-from fngd_plugin.records import RunRecord  # noqa: E402
+from fngd_records import RunRecord  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "analysis"
 RUNS, HOSTLOGS = FIXTURES / "runs", FIXTURES / "hostlogs"

@@ -14,7 +14,7 @@ writes one), or the root of a timm dataset named by ``--dataset`` (``--dataset t
 What it adds to timm's train.py: a checkpoint after every epoch (RUN_DIR/checkpoint.pt, written
 atomically) from which a re-run of the same command resumes — a preempted or killed run ends with
 the same numbers as an uninterrupted one (each epoch's data order and augmentation draw from
-``seed`` and the epoch alone) — and RUN_DIR/record.json (format: fngd_plugin/records.py) with
+``seed`` and the epoch alone) — and RUN_DIR/record.json (format: fngd_records.py) with
 per-epoch train loss, validation top-1 and loss, cumulative optimisation time and FNGD's phase.
 """
 
@@ -229,7 +229,7 @@ def hparams_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from fngd_plugin.records import RunRecord, run_config
+    from fngd_records import RunRecord, run_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,6 @@
-"""Run records: one self-describing JSON file per training run, written by the timm and fairseq
-runners (and therefore by every sweep executor), read by ``analysis/``.
+"""Run records (stdlib only: runners, sweeps and analysis share it without importing torch): one
+self-describing JSON file per training run, written by the timm and fairseq runners (and therefore
+by every sweep executor), read by ``analysis/``.
 
 Format ``fngd-run/1`` (``record.json`` in the run's directory)::
 
