@@ -71,6 +71,45 @@ def optimizer_options(name: str) -> set[str]:
     return fields | {"lr"}
 
 
+# sweep names that mean another fairseq optimizer: fairseq's adam decouples weight decay (AdamW)
+ALIASES = {"adamw": "adam"}
+
+
+def optimizers() -> dict[str, set[str]]:
+    """The runner interface of fngd_slurm (see slurm/sweep.py): fairseq's optimizer names (and
+    ``ALIASES``), each with its option names."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():  # fairseq's import-time deprecation chatter is not the user's problem
+        warnings.simplefilter("ignore")
+        logging.getLogger("fairseq").setLevel(logging.WARNING)
+        from fairseq.optim import OPTIMIZER_REGISTRY
+
+        import fairseq_ext  # noqa: F401  (registers fngd and kfac)
+
+    out = {n: optimizer_options(n) for n in OPTIMIZER_REGISTRY}
+    out.update({alias: out[real] for alias, real in ALIASES.items() if real in out})
+    return out
+
+
+def sweep_command(*, python: list[str], data: str, run_dir: str, run_id: str, task: str, optimizer: str,
+                  hparams: dict[str, Any], seed: int, epochs: int, max_time_min: float | None,
+                  args: dict[str, Any], threads: int | None, gpus: int) -> list[str]:
+    """The runner interface of fngd_slurm: this module's command line for one sweep run
+    (``args``: fairseq-train options; fairseq spawns one worker per GPU itself)."""
+    from fngd_slurm.sweep import flags
+
+    train = ["--optimizer", ALIASES.get(optimizer, optimizer), *flags(hparams), "--max-epoch", str(epochs),
+             *flags(args)]
+    if max_time_min:
+        train += ["--stop-time-hours", str(max_time_min / 60)]
+    if gpus > 1:
+        train += ["--distributed-world-size", str(gpus)]
+    return [*python, "-m", "fairseq_ext.translate", data, "--out", run_dir, "--seed", str(seed),
+            "--task-name", task, "--run-name", run_id, "--optimizer-label", optimizer, "--", *train]
+
+
 def optimizer_hparams(train_args: list[str]) -> tuple[str, dict[str, Any]]:
     """The optimizer's name and the options given for it on the command line."""
     name = _value(train_args, "--optimizer")

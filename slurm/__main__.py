@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", action="store_true", help="slurm: wait for the submitted runs, showing progress")
     args = ap.parse_args(argv)
     try:
-        sweep = load(args.sweep, executor=args.executor)
+        # --status only reads the run directories: no host (and no torch) is imported for it
+        sweep = load(args.sweep, executor=args.executor, check=not args.status)
         if args.status:
             print_status(sweep)
             return 0

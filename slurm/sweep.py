@@ -35,16 +35,27 @@ multiplies everything::
     lr = 0.1
     coefficients = "layer"
 
-Task kinds: ``timm`` runs ``python -m timm_ext.train`` (``args``: its options), ``fairseq`` runs
-``python -m fairseq_ext.translate`` (``args``: fairseq-train options). Optimizer names are the
-host's: timm's registry (fngd, kfac, sgd, momentum, adamw, ...) and fairseq's (fngd, kfac, adam,
-sgd, nag, ...; ``adamw`` means fairseq's adam, which decouples weight decay). Every error names
-the file, the key and what is allowed, before anything runs.
+Task kinds are the entries of ``RUNNERS``: the module that runs one training run of that host
+and knows its optimizers. ``timm`` runs ``python -m timm_ext.train`` (``args``: its options),
+``fairseq`` runs ``python -m fairseq_ext.translate`` (``args``: fairseq-train options). Optimizer
+names are the host's: timm's registry (fngd, kfac, sgd, momentum, adamw, ...) and fairseq's
+(fngd, kfac, adam, sgd, nag, ...; ``adamw`` means fairseq's adam, which decouples weight decay).
+Every error names the file, the key and what is allowed, before anything runs.
+
+A runner module provides two functions (a third host is one entry here and these two there):
+
+    optimizers() -> {name: set of option names, or None when the host checks them itself}
+    sweep_command(*, python, data, run_dir, run_id, task, optimizer, hparams, seed, epochs,
+                  max_time_min, args, threads, gpus) -> the command line of one run
+
+This module imports neither: a sweep is checked against its hosts (``load(check=True)``, which
+imports them, and torch) only where runs are planned; ``--status`` reads the run directories.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import json
 import re
@@ -58,15 +69,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TASK_KINDS = ("timm", "fairseq")
+# task kind -> the module that runs it (see the module docstring)
+RUNNERS = {"timm": "timm_ext.train", "fairseq": "fairseq_ext.translate"}
+TASK_KINDS = tuple(RUNNERS)
 EXECUTORS = ("local", "slurm")
 TOP_KEYS = {"name", "out", "seeds", "executor", "resources", "tasks"}
 EXECUTOR_KEYS = {"kind", "max_parallel", "threads"}
 RESOURCE_KEYS = {"partition", "gpus", "cpus", "mem_gb", "time_min", "extra"}
 TASK_KEYS = {"kind", "data", "prepare", "epochs", "max_time_min", "args", "optimizers", "resources"}
-# what the timm runner takes as its own flags; other optimizer options go to --opt-kwargs
-TIMM_OPT_FLAGS = ("lr", "momentum", "weight_decay")
-FAIRSEQ_ALIASES = {"adamw": "adam"}
 
 
 class SweepError(ValueError):
@@ -91,11 +101,16 @@ class Run:
     optimizer: str
     hparams: dict[str, Any]
     seed: int
-    command: list[str]
     dir: Path
     resources: Resources
     config: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)  # set for the command (thread counts)
+    plan: dict[str, Any] = field(default_factory=dict)  # the runner's sweep_command arguments
+
+    @property
+    def command(self) -> list[str]:
+        """The run's command line, built by its host's runner (imported on first use)."""
+        return runner(self.kind).sweep_command(**self.plan)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "task": self.task, "kind": self.kind, "optimizer": self.optimizer,
@@ -141,9 +156,16 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.toml"))
 
 
-def load(path: str | Path, executor: str | None = None) -> Sweep:
+def runner(kind: str):
+    """The runner module of a task kind (``RUNNERS``)."""
+    return importlib.import_module(RUNNERS[kind])
+
+
+def load(path: str | Path, executor: str | None = None, check: bool = True) -> Sweep:
     """Parse, check and expand a sweep file (or a preset's name). ``executor`` overrides
-    [executor].kind. Relative paths in the file are relative to the current directory."""
+    [executor].kind. Relative paths in the file are relative to the current directory.
+    ``check=False`` skips checking optimizer names and options against the hosts (which imports
+    them): enough to find the runs' directories."""
     path = Path(path)
     if not path.exists() and (PRESETS / f"{path}.toml").exists():
         path = PRESETS / f"{path}.toml"
@@ -175,7 +197,7 @@ def load(path: str | Path, executor: str | None = None) -> Sweep:
     tasks_raw = err.typed("tasks", raw.get("tasks"), dict)
     if not tasks_raw:
         err.fail("tasks", "no tasks: add a [tasks.NAME] table")
-    tasks = {t: _task(err, t, spec, base_res) for t, spec in tasks_raw.items()}
+    tasks = {t: _task(err, t, spec, base_res, check) for t, spec in tasks_raw.items()}
     sweep = Sweep(path=path, name=name, out=out, seeds=seeds, executor=kind, max_parallel=max_parallel,
                   threads=threads, tasks=tasks)
     sweep.runs = expand(sweep)
@@ -229,7 +251,7 @@ def _resources(err: _Errors, where: str, table: dict, base: Resources) -> Resour
     return res
 
 
-def _task(err: _Errors, name: str, spec: Any, base_res: Resources) -> Task:
+def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool) -> Task:
     where = f"tasks.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
         err.fail(where, "task names may only hold letters, digits, '_', '.'")
@@ -250,60 +272,36 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources) -> Task:
     opts = err.typed(f"{where}.optimizers", spec.get("optimizers"), dict)
     if not opts:
         err.fail(f"{where}.optimizers", "no optimizers: add [tasks.NAME.optimizers.fngd] (or another)")
-    known = _known_optimizers(kind)
+    known = runner(kind).optimizers() if check else None
     for opt, hp in opts.items():
         base = opt.split(":")[0]
-        if base not in known or not re.fullmatch(r"[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?", opt):
-            err.fail(f"{where}.optimizers.{opt}", f"unknown {kind} optimizer; allowed: {', '.join(sorted(known))} "
+        if not re.fullmatch(r"[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?", opt) or (known is not None and base not in known):
+            allowed = ", ".join(sorted(known)) if known is not None else "letters, digits, '_'"
+            err.fail(f"{where}.optimizers.{opt}", f"unknown {kind} optimizer; allowed: {allowed} "
                                                   f"(or NAME:VARIANT for another grid of NAME)")
         err.typed(f"{where}.optimizers.{opt}", hp, dict)
         for k, v in hp.items():
-            if kind == "fairseq":
-                fields = known[base]
-                if k not in fields:
-                    err.fail(f"{where}.optimizers.{opt}.{k}",
-                             f"not an option of fairseq's {base}; allowed: {', '.join(sorted(fields))}")
+            fields = None if known is None else known[base]
+            if fields is not None and k not in fields:
+                err.fail(f"{where}.optimizers.{opt}.{k}",
+                         f"not an option of {kind}'s {base}; allowed: {', '.join(sorted(fields))}")
             for value in v if isinstance(v, list) else [v]:
                 if isinstance(value, (dict, list)):
                     err.fail(f"{where}.optimizers.{opt}.{k}", f"{value!r}: expected a value or a list of values")
             if isinstance(v, list) and not v:
                 err.fail(f"{where}.optimizers.{opt}.{k}", "an empty list gives no runs")
-    if kind == "timm" and "--data" in args:
-        err.fail(f"{where}.args", "set data with the task's data key")
+    if "data" in args:
+        err.fail(f"{where}.args.data", "set data with the task's data key")
     res = _resources(err, f"{where}.resources", err.typed(f"{where}.resources", spec.get("resources", {}), dict),
                      base_res)
     return Task(name=name, kind=kind, data=Path(data).absolute(),
                 prepare=prepare, epochs=epochs, max_time_min=max_time, args=args, optimizers=opts, resources=res)
 
 
-def _known_optimizers(kind: str) -> dict[str, set[str]]:
-    """Optimizer names the host knows (and, for fairseq, each one's option names)."""
-    if kind == "timm":
-        import timm.optim
-
-        import timm_ext  # noqa: F401
-
-        return {n: set() for n in timm.optim.list_optimizers()}
-    import logging
-    import warnings
-
-    with warnings.catch_warnings():  # fairseq's import-time deprecation chatter is not the user's problem
-        warnings.simplefilter("ignore")
-        logging.getLogger("fairseq").setLevel(logging.WARNING)
-        from fairseq.optim import OPTIMIZER_REGISTRY
-
-        from fairseq_ext.translate import optimizer_options
-
-    out = {n: optimizer_options(n) for n in OPTIMIZER_REGISTRY}
-    for alias, real in FAIRSEQ_ALIASES.items():
-        if real in out:
-            out[alias] = out[real]
-    return out
-
-
 # ----------------------------------------------------------------------------------------- expansion
-def _flags(options: dict[str, Any]) -> list[str]:
-    """{"max_tokens": 2000, "share_all_embeddings": true} -> ["--max-tokens", "2000", "--share-all-embeddings"]."""
+def flags(options: dict[str, Any]) -> list[str]:
+    """{"max_tokens": 2000, "share_all_embeddings": true} -> ["--max-tokens", "2000", "--share-all-embeddings"]
+    (the runners' sweep_command turn options into flags with it)."""
     out: list[str] = []
     for k, v in options.items():
         flag = "--" + k.replace("_", "-")
@@ -348,37 +346,12 @@ def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int) -> 
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:6]
     run_id = f"{task.name}-{name.replace(':', '.')}-{_label(hp)}-s{seed}-{digest}".replace("--", "-")
     run_dir = sweep.root / "runs" / run_id
-    py = [sys.executable]
-    if task.kind == "timm":
-        flags = {k: v for k, v in hp.items() if k in TIMM_OPT_FLAGS}
-        kwargs = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in hp.items()
-                  if k not in TIMM_OPT_FLAGS]
-        body = ["timm_ext.train", "--data", str(task.data), "--out", str(run_dir), "--opt", opt, "--seed", str(seed),
-                "--epochs", str(task.epochs), "--task", task.name, "--run-name", run_id, *_flags(flags),
-                *_flags(task.args)]
-        if kwargs:
-            body += ["--opt-kwargs", *kwargs]
-        if task.max_time_min:
-            body += ["--max-time-min", str(task.max_time_min)]
-        if sweep.threads and "threads" not in task.args:
-            body += ["--threads", str(sweep.threads)]
-        if task.resources.gpus > 1:
-            command = [*py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                       str(task.resources.gpus), "-m", *body]
-        else:
-            command = [*py, "-m", *body]
-    else:
-        train = ["--optimizer", FAIRSEQ_ALIASES.get(opt, opt), *_flags(hp), "--max-epoch", str(task.epochs),
-                 *_flags(task.args)]
-        if task.max_time_min:
-            train += ["--stop-time-hours", str(task.max_time_min / 60)]
-        if task.resources.gpus > 1:  # fairseq spawns one worker per GPU itself
-            train += ["--distributed-world-size", str(task.resources.gpus)]
-        command = [*py, "-m", "fairseq_ext.translate", str(task.data), "--out", str(run_dir), "--seed", str(seed),
-                   "--task-name", task.name, "--run-name", run_id, "--optimizer-label", opt, "--", *train]
     # one OpenMP/MKL pool per run, sized to its share of the machine: runs side by side with the
     # libraries' default (all cores each) oversubscribe the cores, which slowed a 2-core machine 7x
     threads = sweep.threads or (task.resources.cpus if sweep.executor == "slurm" else None)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
-    return Run(id=run_id, task=task.name, kind=task.kind, optimizer=opt, hparams=hp, seed=seed, command=command,
-               dir=run_dir, resources=task.resources, config=config, env=env)
+    plan = dict(python=[sys.executable], data=str(task.data), run_dir=str(run_dir), run_id=run_id, task=task.name,
+                optimizer=opt, hparams=hp, seed=seed, epochs=task.epochs, max_time_min=task.max_time_min,
+                args=task.args, threads=sweep.threads, gpus=task.resources.gpus)
+    return Run(id=run_id, task=task.name, kind=task.kind, optimizer=opt, hparams=hp, seed=seed, dir=run_dir,
+               resources=task.resources, config=config, env=env, plan=plan)

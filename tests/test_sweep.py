@@ -197,6 +197,16 @@ def test_local_sweep_runs_skips_done_and_relaunches_only_unfinished(tmp_path, di
     rec_path.write_text(json.dumps(rec))
     status = cli(str(path), "--status", cwd=tmp_path).stdout
     assert f"{sgd_id}" in status and "1 done, 1 failed" in status
+    # --status and the analysis only read records: neither imports a host, torch or the optimizer
+    probe = ("import contextlib, io, sys\nfrom fngd_slurm.__main__ import main as status\n"
+             "from fngd_analysis.__main__ import main as report\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+             f"    codes = status([{str(path)!r}, '--status']), report([{str(tmp_path / 'results' / 'a')!r}, "
+             f"'--out', {str(tmp_path / 'report')!r}])\n"
+             "print(codes, sorted(m for m in ('torch', 'timm', 'fairseq', 'fngd_plugin') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=ENV,
+                         timeout=300)
+    assert res.stdout.strip() == "(0, 0) []", res.stdout + res.stderr[-3000:]
+    assert (tmp_path / "report" / "report.md").exists()
     third = cli(str(path), cwd=tmp_path).stdout
     assert "1 to launch" in third and f"start {sgd_id}" in third and "1 runs finished, 0 failed" in third
     assert json.loads(rec_path.read_text())["status"] == "done"

@@ -53,6 +53,42 @@ def parse_kv(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# what this runner takes as flags of its own; other optimizer options go to --opt-kwargs
+OPT_FLAGS = ("lr", "momentum", "weight_decay")
+
+
+def optimizers() -> dict[str, None]:
+    """The runner interface of fngd_slurm (see slurm/sweep.py): timm's registry, the plugin's fngd
+    and kfac included; options are not checked here (timm checks them when it builds one)."""
+    import timm.optim
+
+    import timm_ext  # noqa: F401  (registers fngd and kfac)
+
+    return dict.fromkeys(timm.optim.list_optimizers())
+
+
+def sweep_command(*, python: list[str], data: str, run_dir: str, run_id: str, task: str, optimizer: str,
+                  hparams: dict[str, Any], seed: int, epochs: int, max_time_min: float | None,
+                  args: dict[str, Any], threads: int | None, gpus: int) -> list[str]:
+    """The runner interface of fngd_slurm: this module's command line for one sweep run (``args``:
+    its own options; several GPUs: one process each through torchrun)."""
+    from fngd_slurm.sweep import flags
+
+    kwargs = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in hparams.items() if k not in OPT_FLAGS]
+    body = ["timm_ext.train", "--data", data, "--out", run_dir, "--opt", optimizer, "--seed", str(seed),
+            "--epochs", str(epochs), "--task", task, "--run-name", run_id,
+            *flags({k: v for k, v in hparams.items() if k in OPT_FLAGS}), *flags(args)]
+    if kwargs:
+        body += ["--opt-kwargs", *kwargs]
+    if max_time_min:
+        body += ["--max-time-min", str(max_time_min)]
+    if threads and "threads" not in args:
+        body += ["--threads", str(threads)]
+    if gpus > 1:
+        return [*python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), "-m", *body]
+    return [*python, "-m", *body]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m timm_ext.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
