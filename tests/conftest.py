@@ -26,8 +26,8 @@ def corpus(tmp_path_factory):
     pytest.importorskip("fairseq")
     out = tmp_path_factory.mktemp("corpus")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-m", "fairseq_ext.corpus", str(out)], capture_output=True, text=True,
-                         env=env, cwd="/", timeout=900)
+    res = subprocess.run([sys.executable, "-m", "fairseq_ext.corpus", str(out), "--packages", "pretix"],
+                         capture_output=True, text=True, env=env, cwd="/", timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return out
 

@@ -208,7 +208,7 @@ def cli(module: str, *args: str, timeout: int = 600) -> str:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    log = cli("fairseq_ext.corpus", str(out))
+    log = cli("fairseq_ext.corpus", str(out), "--packages", "pretix")
     assert "train" in log
     counts = [len((out / "raw" / f"{s}.en").read_text().splitlines()) for s in ("train", "valid", "test")]
     assert counts[0] > 5000 and counts[1] > 200 and counts[2] > 200  # real translator-written pairs
