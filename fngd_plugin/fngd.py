@@ -11,8 +11,11 @@ Definitions (pinned; the tests check them against brute force)
   * g_i is the gradient of sample i's own loss, scaled so that the host's gradient (whatever
     ``loss.backward()`` and the host's own post-processing -- loss scaling, accumulation,
     ``multiply_grads`` -- leave in ``p.grad``) is their mean gbar. FNGD measures that scale on
-    each step from what its hooks saw, so mean- and sum-reduced losses and AMP loss scales all
-    mean the same thing.
+    each step from what its hooks saw, so AMP loss scales, accumulation and ``multiply_grads``
+    never change the step. The host gradient itself sets the units: a sum-reduced loss has n
+    times a mean-reduced one's gradient, and FNGD follows it as SGD would (the default relative
+    damping with ``normalize="sum"`` is scale-free; an absolute damping is in those units --
+    tests/test_asdl.py pins both against ASDL).
   * F = (1/n) sum_i g_i g_i^T over the covered parameters; ``coefficients="network"``: one F over
     all covered parameters; ``"layer"``: block-diagonal, one block per owning module (its weight
     and bias together; modules sharing a parameter form one block).
