@@ -11,6 +11,9 @@ trainer to tell FNGD what it cannot see from parameters alone:
 * epoch starts (``Trainer.begin_epoch``), and dummy batches (``ignore_grad``: they teach FNGD nothing
   but still join its all-reduces).
 
+and logs FNGD's phase into fairseq's own metrics (``fngd_collect``: the fraction of the epoch's
+batches that solved), so it lands in fairseq's per-epoch JSON stats for runners to read.
+
 Bad option values stop ``fairseq-train`` at argument parsing (argparse's usage error, exit code 2),
 before any data or model is loaded; the core optimizer's own checks decide what is valid.
 
@@ -40,7 +43,6 @@ FNGD measures the host's gradient scale on every solve.
 
 import gc
 import logging
-import re
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -48,13 +50,16 @@ from typing import Any, List, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.tasks import FairseqTask
 from fairseq.trainer import Trainer
 from omegaconf import II
 from torch import nn
 
-from fngd_plugin import FNGD, KFAC
+from fngd_plugin import FNGD, KFAC, OptionError
+from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES
+from fngd_plugin.smw import DAMPING_MODES, NORMALIZE_MODES
 
 logger = logging.getLogger("fngd_plugin")
 
@@ -67,15 +72,15 @@ class FairseqFNGDConfig(FairseqDataclass):
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay added to the FNGD direction"})
     nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum"})
     damping: float = field(default=1.0, metadata={"help": "damping lambda > 0 (see --damping-mode)"})
-    damping_mode: ChoiceEnum(["relative", "absolute"]) = field(  # type: ignore[valid-type]
+    damping_mode: ChoiceEnum(list(DAMPING_MODES)) = field(  # type: ignore[valid-type]
         default="relative", metadata={"help": "relative: n*lambda = damping*trace(K)/n; absolute: lambda as given"})
-    coefficients: ChoiceEnum(["network", "layer"]) = field(  # type: ignore[valid-type]
+    coefficients: ChoiceEnum(list(COEFFICIENT_MODES)) = field(  # type: ignore[valid-type]
         default="network", metadata={"help": "one coefficient vector for all layers, or one per module"})
-    reuse: ChoiceEnum(["sample", "position", "off"]) = field(  # type: ignore[valid-type]
+    reuse: ChoiceEnum(list(REUSE_MODES)) = field(  # type: ignore[valid-type]
         default="sample", metadata={"help": "after the collect epochs reuse coefficients per sentence id, per batch "
                                             "position, or solve every step"})
     collect_epochs: int = field(default=1, metadata={"help": "epochs that solve for coefficients"})
-    normalize: ChoiceEnum(["sum", "none"]) = field(  # type: ignore[valid-type]
+    normalize: ChoiceEnum(list(NORMALIZE_MODES)) = field(  # type: ignore[valid-type]
         default="sum", metadata={"help": "sum: coefficients of a batch sum to 1 (SGD scale); none: exact NGD step"})
     max_update_norm: Optional[float] = field(default=None, metadata={"help": "clip the global norm of the direction"})
     refresh_every: Optional[int] = field(default=None, metadata={"help": "solve again every this many epochs"})
@@ -136,24 +141,13 @@ class _Wrapped(FairseqOptimizer):
 
     @classmethod
     def config_error(cls, c: Any) -> Optional[str]:
-        """What is wrong with these option values, in argparse's words (None: nothing).
-
-        The core validates its arguments before it looks at parameters, so building it on an empty
-        parameter list runs exactly its checks and nothing else."""
-        kwargs = cls.core_kwargs(c)
+        """What is wrong with these option values, in argparse's words (None: nothing): the core's
+        own checks (``check_options``), reported under the fairseq option's name."""
         try:
-            cls.core([], **kwargs)
-        except (TypeError, ValueError) as e:
-            msg = str(e)
-            if "empty parameter list" in msg:
-                return None
-            m = re.match(r"(\w+)=", msg)
-            if m is None or m.group(1) not in kwargs:
-                return f"--optimizer {cls.core.__name__.lower()}: {msg}"
-            key = m.group(1)
-            option = "--" + cls.options.get(key, key.replace("_", "-"))
-            value, _, why = msg[len(key) + 1:].partition(" ")  # "damping=-1.0 must be > 0.0"
-            return f"argument {option}: invalid value {value}" + (f" ({why})" if why else "")
+            cls.core.check_options(**cls.core_kwargs(c))
+        except OptionError as e:
+            option = "--" + cls.options.get(e.name, e.name.replace("_", "-"))
+            return f"argument {option}: invalid value {e.value!r} ({e.reason})"
         return None
 
     def __init__(self, cfg: Any, params: list):
@@ -263,37 +257,15 @@ def share_coefficients(opt: FNGD) -> None:
 
     A collective: every rank calls it at the same points (epoch starts, checkpoint saves). Within a
     collect epoch each sentence is in one batch on one worker, so the entries that changed since
-    the last merge are disjoint; each worker sends the entries of the sentences it solved for,
-    everybody applies all of them in rank order, and the stores end up identical."""
+    the last merge are disjoint; each worker exports the entries of the sentences it solved for,
+    everybody merges all of them in rank order, and the stores end up identical."""
     if opt.store is None or opt.reuse != "sample" or _world_size() == 1:
         return
-    dist = torch.distributed
     ids = _collected.pop(opt, [])
     ids = torch.unique(torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.long)
-    state = opt.store.state_dict()
-    mine = {}
-    for block, table in state["samples"].items():
-        inside = ids[ids < table["values"].numel()]
-        mine[int(block)] = (table["values"].numel(), inside, table["values"][inside], table["filled"][inside])
     gathered: list = [None] * _world_size()
-    dist.all_gather_object(gathered, mine)
-    samples = {}
-    for block in sorted({b for g in gathered for b in g}):
-        size = max(g[block][0] for g in gathered if block in g)
-        values = torch.zeros(size, dtype=torch.float64)
-        filled = torch.zeros(size, dtype=torch.bool)
-        if block in state["samples"]:
-            own = state["samples"][block]
-            values[: own["values"].numel()] = own["values"]
-            filled[: own["filled"].numel()] = own["filled"]
-        for g in gathered:
-            if block in g:
-                _, i, v, f = g[block]
-                values[i] = torch.where(f, v.to(torch.float64), values[i])
-                filled[i] |= f
-        samples[block] = {"values": values, "filled": filled}
-    state["samples"] = samples
-    opt.store.load_state_dict(state)
+    torch.distributed.all_gather_object(gathered, opt.store.export(ids))
+    opt.store.merge(gathered)
 
 
 def _patch_hosts() -> None:
@@ -310,9 +282,13 @@ def _patch_hosts() -> None:
             if ignore_grad or not sample or "id" not in sample:
                 opt.ignore_next_batch()
             else:
-                if opt.reuse == "sample" and opt.in_collect_phase and _world_size() > 1:
+                collect = opt.in_collect_phase
+                if opt.reuse == "sample" and collect and _world_size() > 1:
                     _collected.setdefault(opt, []).append(sample["id"].detach().cpu())
                 opt.set_sample_ids(sample["id"])
+                # the runner's signal: fairseq averages it over the epoch into its own JSON stats
+                # ("train_fngd_collect": 1 collect epoch, 0 reuse epoch), which translate.py reads
+                metrics.log_scalar("fngd_collect", 1.0 if collect else 0.0, weight=1, round=3)
         return train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad)
 
     def trainer_begin_epoch(self, epoch):
@@ -320,8 +296,6 @@ def _patch_hosts() -> None:
         if opt is not None:
             share_coefficients(opt)  # all ranks start every epoch
             opt.set_epoch(epoch - 1)  # fairseq counts epochs from 1
-            # one line per epoch, read by fairseq_ext.translate for the run record
-            logger.info("FNGD: epoch %d phase %s", epoch, "collect" if opt.in_collect_phase else "reuse")
         return begin_epoch(self, epoch)
 
     def trainer_lr_step(self, epoch, val_loss=None):

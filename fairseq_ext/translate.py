@@ -39,7 +39,6 @@ from typing import Any
 
 _JSON = re.compile(r"\| (train|valid) \| (\{.*\})\s*$")
 _BLEU = re.compile(r"BLEU = ([0-9.]+)")
-_PHASE = re.compile(r"FNGD: epoch \d+ phase (collect|reuse)")
 
 
 def _has(args: list[str], flag: str) -> bool:
@@ -165,7 +164,6 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
     t_iter = None
     seconds = None
     valid: dict = {}
-    phase = None  # FNGD's phase of the epoch, as fairseq_ext logs it at each epoch start
     try:
         for line in proc.stdout:
             now = time.perf_counter()
@@ -173,8 +171,6 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
             log.flush()
             if "Start iterating over samples" in line:
                 t_iter = now
-            elif m := _PHASE.search(line):
-                phase = m.group(1)
             elif 'begin validation on "valid"' in line and t_iter is not None:
                 seconds = now - t_iter
             m = _JSON.search(line)
@@ -185,6 +181,9 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
                 valid = stats
                 continue
             epoch = int(stats["epoch"])
+            # FNGD's phase, from fairseq's own epoch stats (fairseq_ext logs it as a metric)
+            collect = _num(stats, "train_fngd_collect")
+            phase = None if collect is None else "collect" if collect > 0 else "reuse"
             if seconds is None:  # no validation this epoch: fairseq's own (whole-second) count
                 seconds = _num(stats, "train_train_wall") or 0.0
             opt_time += seconds
@@ -198,7 +197,7 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
             print(f"epoch {epoch} | train loss {stats.get('train_loss')} | valid loss {valid.get('valid_loss')} | "
                   f"valid BLEU {valid.get('valid_bleu')} | {seconds:.1f}s" + (f" | {phase}" if phase else ""),
                   flush=True)
-            seconds, valid, phase = None, {}, None
+            seconds, valid = None, {}
         rc = proc.wait()
     except BaseException:
         proc.terminate()

@@ -6,11 +6,13 @@
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 """
 
+from .base import OptionError
 from .fngd import FNGD
 from .kfac import KFAC
 from .samplers import PerSampleGrads, register_sampler
 from .smw import solve_coefficients
 from .store import CoefficientStore
 
-__all__ = ["FNGD", "KFAC", "CoefficientStore", "PerSampleGrads", "register_sampler", "solve_coefficients"]
+__all__ = ["FNGD", "KFAC", "CoefficientStore", "OptionError", "PerSampleGrads", "register_sampler",
+           "solve_coefficients"]
 __version__ = "0.1.0"

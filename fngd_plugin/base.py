@@ -56,33 +56,58 @@ CAUSES = {
 }
 
 
+class OptionError(ValueError):
+    """A bad option value, structured for hosts that report it in their own words (fairseq's
+    argparse): ``name`` (the keyword argument), ``value``, ``reason`` ("must be > 0.0", "is not
+    supported; allowed: ..."). str(): "name=value reason"."""
+
+    def __init__(self, name: str, value: Any, reason: str):
+        self.name, self.value, self.reason = name, value, reason
+        super().__init__(f"{name}={value!r} {reason}")
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An option value of the wrong type (also a TypeError)."""
+
+
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+        raise OptionError(name, value, f"is not supported; allowed: {', '.join(map(repr, allowed))}")
 
 
 def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
-                  optional: bool = False) -> None:
+                  optional: bool = False, below: float | None = None) -> None:
     if value is None and optional:
         return
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise TypeError(f"{name}={value!r} must be {kind}")
+        raise OptionTypeError(name, value, f"must be {kind}")
     bad = value <= minimum if strict else value < minimum
     if bad or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{name}={value!r} must be {'>' if strict else '>='} {minimum}")
+        raise OptionError(name, value, f"must be {'>' if strict else '>='} {minimum}")
+    if below is not None and value >= below:
+        raise OptionError(name, value, f"must be < {below}")
 
 
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionTypeError(name, value, "must be True or False")
 
 
 def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bool) -> None:
     check_number("lr", lr, minimum=0.0)
-    check_number("momentum", momentum, minimum=0.0)
-    if momentum >= 1:
-        raise ValueError(f"momentum={momentum!r} must be < 1")
+    check_number("momentum", momentum, minimum=0.0, below=1)
     check_number("weight_decay", weight_decay, minimum=0.0)
     if nesterov and momentum == 0:
-        raise ValueError("nesterov=True needs momentum > 0")
+        raise OptionError("nesterov", nesterov, "needs momentum > 0")
+
+
+# what check_options hands the constructor instead of parameters: it stops right after the checks
+_OPTIONS_ONLY = object()
+
+
+class _Checked(Exception):
+    pass
 
 
 class CaptureOptimizer(torch.optim.Optimizer):
@@ -97,7 +122,19 @@ class CaptureOptimizer(torch.optim.Optimizer):
 
     counter_names: tuple[str, ...] = ("skipped",)
 
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Run exactly the constructor's checks on these keyword options, with no parameters:
+        OptionError (name, value, reason) for a bad value, TypeError for an unknown name. Hosts
+        call it to refuse bad command-line values before they load data or build a model."""
+        try:
+            cls(_OPTIONS_ONLY, **options)
+        except _Checked:
+            return
+
     def __init__(self, params: Any, defaults: dict):
+        if params is _OPTIONS_ONLY:  # check_options: the subclass has checked its arguments
+            raise _Checked
         super().__init__(params, defaults)
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._index = {id(p): i for i, p in enumerate(self._params)}

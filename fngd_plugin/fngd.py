@@ -41,7 +41,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .base import CaptureOptimizer, check_choice, check_number, check_sgd_args
+from .base import CaptureOptimizer, check_choice, check_flag, check_number, check_sgd_args
 from .capture import MicroBatch
 from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, override_base, post_reason, unsupported_reason
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
@@ -126,8 +126,7 @@ class FNGD(CaptureOptimizer):
         check_number("refresh_every", refresh_every, minimum=1, integer=True, optional=True)
         check_number("dense_tied_limit", dense_tied_limit, minimum=0, integer=True)
         check_number("keep_per_sample", keep_per_sample, minimum=0, integer=True)
-        if not isinstance(generic_fallback, bool):
-            raise TypeError(f"generic_fallback={generic_fallback!r} must be True or False")
+        check_flag("generic_fallback", generic_fallback)
         self.generic_fallback = generic_fallback  # read by the coverage report in super().__init__
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)

@@ -86,9 +86,7 @@ class KFAC(CaptureOptimizer):
     ):
         check_sgd_args(lr, momentum, weight_decay, nesterov)
         check_number("damping", damping, minimum=0.0, strict=True)
-        check_number("factor_decay", factor_decay, minimum=0.0)
-        if factor_decay >= 1:
-            raise ValueError(f"factor_decay={factor_decay!r} must be < 1")
+        check_number("factor_decay", factor_decay, minimum=0.0, below=1)
         check_number("factor_update_steps", factor_update_steps, minimum=1, integer=True)
         check_number("inv_update_steps", inv_update_steps, minimum=1, integer=True)
         check_choice("inverse", inverse, INVERSE_METHODS)

@@ -23,11 +23,11 @@ class _SampleTable:
         self.values = torch.zeros(0, dtype=torch.float64)
         self.filled = torch.zeros(0, dtype=torch.bool)
 
-    def _grow(self, size: int, device: torch.device) -> None:
+    def _grow(self, size: int, device: torch.device, exact: bool = False) -> None:
         if self.values.device != device:
             self.values, self.filled = self.values.to(device), self.filled.to(device)
         if size > self.values.numel():
-            new = max(size, 2 * self.values.numel())
+            new = size if exact else max(size, 2 * self.values.numel())
             v = torch.zeros(new, dtype=torch.float64, device=device)
             f = torch.zeros(new, dtype=torch.bool, device=device)
             v[: self.values.numel()] = self.values
@@ -115,6 +115,41 @@ class CoefficientStore:
             return torch.where(bad, fill.to(device), c)
         self.misses = self.misses.to(device) + n
         return fill.to(device).expand(n).clone()
+
+    def export(self, ids: Tensor) -> dict[int, tuple[int, Tensor, Tensor, Tensor]]:
+        """What this store holds for sample ``ids`` (reuse="sample"), per block, on the CPU:
+        {block: (table size, ids inside the table, their values, whether each is filled)}; for
+        :meth:`merge` on another store (distributed workers share what each of them solved)."""
+        if self.keying != "sample":
+            raise ValueError(f"export needs reuse='sample' (sample ids); this store is keyed by {self.keying!r}")
+        ids = ids.detach().cpu().long()
+        out = {}
+        for block, table in self._samples.items():
+            values, filled = table.values.cpu(), table.filled.cpu()
+            inside = ids[ids < values.numel()]
+            out[block] = (values.numel(), inside, values[inside], filled[inside])
+        return out
+
+    def merge(self, parts: list[dict[int, tuple[int, Tensor, Tensor, Tensor]]]) -> None:
+        """Apply :meth:`export` results in order: a filled entry replaces what is stored for its id,
+        tables grow to the largest size exported (so every store that merges the same parts in the
+        same order ends up identical, state_dict included)."""
+        if self.keying != "sample":
+            raise ValueError(f"merge needs reuse='sample' (sample ids); this store is keyed by {self.keying!r}")
+        sizes: dict[int, int] = {}
+        for part in parts:
+            for block, (size, *_) in part.items():
+                sizes[int(block)] = max(sizes.get(int(block), 0), size)
+        for block, size in sizes.items():
+            table = self._samples.setdefault(block, _SampleTable())
+            table._grow(size, table.values.device, exact=True)
+        for part in parts:
+            for block, (_, ids, values, filled) in part.items():
+                table = self._samples[int(block)]
+                device = table.values.device
+                keep = ids[filled]
+                if keep.numel():
+                    table.put(keep.to(device), values[filled].to(device=device, dtype=torch.float64))
 
     def state_dict(self) -> dict:
         return {

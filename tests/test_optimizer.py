@@ -127,6 +127,57 @@ def test_state_dict_round_trip_keeps_store():
         FNGD(model.parameters(), lr=0.05, reuse="position", steps_per_epoch=3).load_state_dict(copy.deepcopy(sd))
 
 
+def test_store_export_merge_gives_every_worker_the_same_store():
+    # what distributed reuse="sample" does at each epoch start: workers solved disjoint sentences
+    from fngd_plugin import CoefficientStore
+
+    workers = [CoefficientStore("sample") for _ in range(3)]
+    solved = [torch.tensor([0, 5, 9]), torch.tensor([1, 2, 30]), torch.tensor([7])]
+    for w, (store, ids) in enumerate(zip(workers, solved)):
+        for block in (0, 4):
+            c = torch.arange(ids.numel(), dtype=torch.float64) + 10 * w + block
+            if w == 1 and block == 4:
+                c[0] = math.nan  # a non-finite coefficient is not shared (nor stored)
+            store.put(block, c, ids=ids, position=0)
+    parts = [store.export(ids) for store, ids in zip(workers, solved)]
+    for store in workers:
+        store.merge(parts)
+    every = torch.arange(32)
+    for block in (0, 4):
+        want = {0: 0, 5: 1, 9: 2, 1: 10, 2: 11, 30: 12, 7: 20}
+        got = [s.get(block, 32, ids=every, position=0, device=torch.device("cpu")) for s in workers]
+        for g in got:
+            assert torch.equal(g, got[0])
+        for i, v in want.items():
+            if not (block == 4 and i == 1):
+                assert float(got[0][i]) == v + block
+    sds = [s.state_dict()["samples"] for s in workers]
+    assert all(torch.equal(sd[4]["filled"], sds[0][4]["filled"]) and torch.equal(sd[4]["values"], sds[0][4]["values"])
+               for sd in sds)
+    assert int(sds[0][4]["filled"].sum()) == 6 and int(sds[0][0]["filled"].sum()) == 7
+    with pytest.raises(ValueError, match="reuse='sample'"):
+        CoefficientStore("position").export(torch.tensor([0]))
+
+
+def test_check_options_is_the_constructors_check_with_structured_errors():
+    from fngd_plugin import KFAC, OptionError
+
+    FNGD.check_options(lr=0.1, damping=0.5, reuse="sample")  # nothing wrong: returns
+    for cls, kw, name, reason in [(FNGD, dict(damping=-1.0), "damping", "must be > 0.0"),
+                                  (FNGD, dict(reuse="bogus"), "reuse", "is not supported; allowed: "),
+                                  (FNGD, dict(momentum=1.0), "momentum", "must be < 1"),
+                                  (KFAC, dict(factor_decay=1.5), "factor_decay", "must be < 1")]:
+        with pytest.raises(OptionError) as e:
+            cls.check_options(**kw)
+        assert (e.value.name, e.value.value) == (name, kw[name]) and e.value.reason.startswith(reason)
+        with pytest.raises(OptionError, match=f"^{name}="):  # the constructor raises the same
+            cls(MODELS["mlp"]().parameters(), **kw)
+    with pytest.raises(TypeError):
+        FNGD.check_options(lr="0.1")
+    with pytest.raises(TypeError, match="bogus"):
+        FNGD.check_options(bogus=1)
+
+
 # ------------------------------------------------------------------------------------------ AMP
 def test_autocast_bf16_follows_fp32():
     def run(autocast):
