@@ -169,6 +169,23 @@ class RunRecord:
         return data
 
 
+def fairseq_epoch_stats(line: str) -> dict[str, Any] | None:
+    """The statistics of an end-of-epoch line of a fairseq ``--log-format json`` log (training's or
+    a validation subset's: fairseq prints each as one JSON object after its tags, keys prefixed with
+    the subset, e.g. "train_loss", "valid_bleu"), else None. Per-update lines (train_inner) carry
+    "update" and are not end-of-epoch lines; a cut-off last line (a killed run) is None."""
+    start = line.find('{"')
+    if start < 0:
+        return None
+    try:
+        stats = json.loads(line[start:])
+    except ValueError:
+        return None
+    if not isinstance(stats, dict) or "epoch" not in stats or "update" in stats:
+        return None
+    return stats
+
+
 def _num(x: Any) -> float | None:
     if x is None:
         return None

@@ -30,7 +30,6 @@ train_loss, val_loss, val_metric, phase (FNGD: collect | reuse), status, metric,
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 import warnings
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fngd_records import RunRecord
+from fngd_records import RunRecord, fairseq_epoch_stats
 
 EPOCH_FIELDS = ["epoch", "step", "time", "wall", "epoch_time", "train_loss", "val_loss", "val_metric", "phase"]
 RUN_FIELDS = ["run", "task", "kind", "optimizer", "config", "seed", "status", "metric", "mode", "source"]
@@ -179,15 +178,9 @@ def _from_fairseq_log(path: Path) -> pd.DataFrame:
     text = path.read_text(errors="replace")
     train, valid, subset = {}, {}, None
     for line in text.splitlines():
-        start = line.find('{"')
-        if start < 0:
+        stats = fairseq_epoch_stats(line)
+        if stats is None:
             continue
-        try:
-            stats = json.loads(line[start:])
-        except ValueError:
-            continue  # e.g. the last line of a killed run
-        if not isinstance(stats, dict) or "epoch" not in stats or "update" in stats:
-            continue  # not an end-of-epoch line (train_inner lines carry "update")
         if "train_loss" in stats:
             train[int(stats["epoch"])] = stats
             continue

@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import Seq2Seq, cifar_resnet18, seq2seq_batch  # noqa: E402
+from models import Seq2Seq, seq2seq_batch  # noqa: E402
 from step_cost import BIG, KFAC_KINDS, KFAC_MAX_DIM, fmt_table, sync, train_step  # noqa: E402
 
 from fngd_plugin import FNGD, KFAC  # noqa: E402
+from timm_ext import cifar_resnet18  # noqa: E402  (the sweeps' model, registered in timm)
 
 LR = 0.01
 DAMPING_KFAC = 1e-3
@@ -90,7 +91,7 @@ def tiny_cnn(classes: int) -> nn.Module:
 
 def resnet_task(batch: int, device: str, quick: bool) -> Task:
     classes, side = (10, 16) if quick else (100, 32)
-    model = (tiny_cnn(classes) if quick else cifar_resnet18()).to(device)
+    model = (tiny_cnn(classes) if quick else cifar_resnet18(num_classes=classes)).to(device)
     g = torch.Generator().manual_seed(0)  # the same batch as step_cost.resnet_task
     x = torch.randn(batch, 3, side, side, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)

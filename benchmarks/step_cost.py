@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import Seq2Seq, cifar_resnet18, seq2seq_batch, seq2seq_loss  # noqa: E402
+from models import Seq2Seq, seq2seq_batch, seq2seq_loss  # noqa: E402
 
 from fngd_plugin import FNGD, KFAC  # noqa: E402
+from timm_ext import cifar_resnet18  # noqa: E402  (the sweeps' model, registered in timm)
 
 BIG = 10**9
 # KFAC leaves layers with a factor above this to SGD: here the 8000-way output projection (KFAC
@@ -52,7 +53,7 @@ def sync(device: str) -> None:
 
 # ------------------------------------------------------------------------------------------- tasks
 def resnet_task(batch: int, device: str):
-    model = cifar_resnet18().to(device)
+    model = cifar_resnet18(num_classes=100).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 100, (batch,), generator=g).to(device)

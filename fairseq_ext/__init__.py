@@ -41,7 +41,6 @@ fairseq's summed losses and ``multiply_grads(world_size / sample_size)`` need no
 FNGD measures the host's gradient scale on every solve.
 """
 
-import gc
 import logging
 import sys
 import weakref
@@ -55,9 +54,9 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.tasks import FairseqTask
 from fairseq.trainer import Trainer
 from omegaconf import II
-from torch import nn
 
 from fngd_plugin import FNGD, KFAC, OptionError
+from fngd_plugin.capture import live_modules
 from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES
 from fngd_plugin.smw import DAMPING_MODES, NORMALIZE_MODES
 
@@ -103,20 +102,12 @@ class FairseqKFACConfig(FairseqDataclass):
     lr: List[float] = II("optimization.lr")
 
 
-def _owning_models(params: list) -> list[nn.Module]:
-    """fairseq models holding any of these parameters (the optimizer gets parameters only)."""
-    from fairseq.models import BaseFairseqModel
-
-    ids = {id(p) for p in params}
-    return [o for o in gc.get_objects()
-            if issubclass(type(o), BaseFairseqModel) and any(id(p) in ids for p in o.parameters())]
-
-
 def prepare_models(opt: Any, params: list) -> None:
     """Module path for attention, time-first layout declared (see module docstring)."""
+    from fairseq.models import BaseFairseqModel
     from fairseq.modules.multihead_attention import MultiheadAttention
 
-    for model in _owning_models(params):
+    for model in live_modules(BaseFairseqModel, params):
         for name, module in model.named_modules():
             if isinstance(module, MultiheadAttention):
                 module.skip_embed_dim_check = True

@@ -37,7 +37,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-_JSON = re.compile(r"\| (train|valid) \| (\{.*\})\s*$")
+from fngd_records import fairseq_epoch_stats
+
 _BLEU = re.compile(r"BLEU = ([0-9.]+)")
 
 
@@ -173,12 +174,13 @@ def train(data: str, out: Path, train_args: list[str], record, start_epoch: int)
                 t_iter = now
             elif 'begin validation on "valid"' in line and t_iter is not None:
                 seconds = now - t_iter
-            m = _JSON.search(line)
-            if not m:
+            stats = fairseq_epoch_stats(line)
+            if stats is None:
                 continue
-            kind, stats = m.group(1), json.loads(m.group(2))
-            if kind == "valid":
+            if "valid_loss" in stats:
                 valid = stats
+                continue
+            if "train_loss" not in stats:
                 continue
             epoch = int(stats["epoch"])
             # FNGD's phase, from fairseq's own epoch stats (fairseq_ext logs it as a metric)

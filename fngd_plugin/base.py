@@ -8,7 +8,6 @@ finish with the same sync-free momentum SGD step.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import warnings
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import MicroBatch, ModuleCapture
+from .capture import MicroBatch, ModuleCapture, live_modules
 from .generic import batch_dim_of, generic_grads, generic_reason, own_params
 from .samplers import PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
 from .update import global_norm, momentum_step
@@ -258,7 +257,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
             every = list(model.modules())
         else:
             # hosts give parameters only: find their owners among live modules
-            every = [o for o in gc.get_objects() if issubclass(type(o), nn.Module)]
+            every = live_modules()
         modules = [m for m in every if m._parameters]
         inner = {id(sub) for m in every for sub in list(m.modules())[1:]}
         self._top_ids = {id(m) for m in modules if id(m) not in inner}

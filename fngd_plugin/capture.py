@@ -38,6 +38,7 @@ when it is garbage-collected. Nothing here knows about layer math or phases.
 
 from __future__ import annotations
 
+import gc
 import warnings
 import weakref
 from collections import Counter
@@ -124,6 +125,16 @@ def _remove_all(handles: list) -> None:
         _deferred.pop().remove()
     for h in handles:
         h.remove()
+
+
+def live_modules(kind: type = nn.Module, params: Iterable[Tensor] | None = None) -> list[nn.Module]:
+    """Live modules of type ``kind`` (hosts hand an optimizer parameters only, so their owners are
+    found among the interpreter's objects), only those holding any of ``params`` when given."""
+    found = [o for o in gc.get_objects() if issubclass(type(o), kind)]
+    if params is None:
+        return found
+    ids = {id(p) for p in params}
+    return [m for m in found if any(id(p) in ids for p in m.parameters())]
 
 
 class ModuleCapture:

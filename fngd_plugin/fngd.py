@@ -45,7 +45,7 @@ from .base import CaptureOptimizer, check_choice, check_flag, check_number, chec
 from .capture import MicroBatch
 from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, override_base, post_reason, unsupported_reason
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
-from .store import CoefficientStore
+from .store import CoefficientStore, grown
 
 logger = logging.getLogger("fngd_plugin")
 
@@ -355,11 +355,7 @@ class FNGD(CaptureOptimizer):
         elif ids is not None and self.steps_per_epoch is None and self._is_collect(self._epoch) \
                 and self.reuse == "sample" and ids.numel():
             ids_cpu = ids.cpu()
-            top = int(ids_cpu.max()) + 1
-            if top > self._seen_ids.numel():
-                grown = torch.zeros(max(top, 2 * self._seen_ids.numel()), dtype=torch.bool)
-                grown[: self._seen_ids.numel()] = self._seen_ids
-                self._seen_ids = grown
+            self._seen_ids = grown(self._seen_ids, int(ids_cpu.max()) + 1)
             if bool(self._seen_ids[ids_cpu].any()):
                 new_epoch = True
             else:

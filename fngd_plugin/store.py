@@ -18,6 +18,16 @@ from torch import Tensor
 KEYINGS = ("sample", "position")
 
 
+def grown(t: Tensor, size: int, exact: bool = False) -> Tensor:
+    """``t`` (1-D) zero-padded to at least ``size`` entries: doubling (amortised O(1) growth of
+    tables indexed by sample id), or exactly ``size`` with ``exact``. ``t`` itself if big enough."""
+    if size <= t.numel():
+        return t
+    out = torch.zeros(size if exact else max(size, 2 * t.numel()), dtype=t.dtype, device=t.device)
+    out[: t.numel()] = t
+    return out
+
+
 class _SampleTable:
     def __init__(self) -> None:
         self.values = torch.zeros(0, dtype=torch.float64)
@@ -26,13 +36,7 @@ class _SampleTable:
     def _grow(self, size: int, device: torch.device, exact: bool = False) -> None:
         if self.values.device != device:
             self.values, self.filled = self.values.to(device), self.filled.to(device)
-        if size > self.values.numel():
-            new = size if exact else max(size, 2 * self.values.numel())
-            v = torch.zeros(new, dtype=torch.float64, device=device)
-            f = torch.zeros(new, dtype=torch.bool, device=device)
-            v[: self.values.numel()] = self.values
-            f[: self.filled.numel()] = self.filled
-            self.values, self.filled = v, f
+        self.values, self.filled = grown(self.values, size, exact), grown(self.filled, size, exact)
 
     def put(self, ids: Tensor, c: Tensor) -> None:
         ids = ids.to(c.device)
