@@ -19,7 +19,7 @@ before any data or model is loaded; the core optimizer's own checks decide what 
 
 Distributed training (tested on CPU: one process per rank, gloo, ``--ddp-backend legacy_ddp``; the
 GPU backends take the same path here, untested): fairseq all-reduces the gradient,
-FNGD all-reduces its natural-gradient direction (``_all_reduce_mean`` in the core), so every replica
+FNGD all-reduces its natural-gradient direction (``fngd_plugin.distributed``), so every replica
 takes the same step. fairseq deals the shuffled batches out anew each epoch, so a sentence's batch
 lands on another worker than the one that solved its coefficient; with ``reuse="sample"`` the
 workers therefore merge what they collected (:func:`share_coefficients`) at every epoch start and
@@ -57,6 +57,7 @@ from omegaconf import II
 
 from fngd_plugin import FNGD, KFAC, OptionError
 from fngd_plugin.capture import live_modules
+from fngd_plugin.distributed import world_size
 from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES
 from fngd_plugin.smw import DAMPING_MODES, NORMALIZE_MODES
 
@@ -207,7 +208,7 @@ class FairseqKFAC(_Wrapped):
     options = {"damping": "kfac-damping"}
 
     def __init__(self, cfg: Any, params: list):
-        if _world_size() > 1:
+        if world_size() > 1:
             # the core keeps Kronecker factors per process and preconditions with them: replicas
             # would take different steps and drift apart (measured: 0.34 max parameter difference
             # after 2 epochs on 2 CPU workers); refuse rather than train silently wrong
@@ -234,11 +235,6 @@ def find_fngd(optimizer: Any) -> Optional[FNGD]:
     return None
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 # ids of the sentences each FNGD solved for since the workers last merged their coefficients
 _collected: "weakref.WeakKeyDictionary[FNGD, list]" = weakref.WeakKeyDictionary()
 
@@ -250,11 +246,11 @@ def share_coefficients(opt: FNGD) -> None:
     collect epoch each sentence is in one batch on one worker, so the entries that changed since
     the last merge are disjoint; each worker exports the entries of the sentences it solved for,
     everybody merges all of them in rank order, and the stores end up identical."""
-    if opt.store is None or opt.reuse != "sample" or _world_size() == 1:
+    if opt.store is None or opt.reuse != "sample" or world_size() == 1:
         return
     ids = _collected.pop(opt, [])
     ids = torch.unique(torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.long)
-    gathered: list = [None] * _world_size()
+    gathered: list = [None] * world_size()
     torch.distributed.all_gather_object(gathered, opt.store.export(ids))
     opt.store.merge(gathered)
 
@@ -274,7 +270,7 @@ def _patch_hosts() -> None:
                 opt.ignore_next_batch()
             else:
                 collect = opt.in_collect_phase
-                if opt.reuse == "sample" and collect and _world_size() > 1:
+                if opt.reuse == "sample" and collect and world_size() > 1:
                     _collected.setdefault(opt, []).append(sample["id"].detach().cpu())
                 opt.set_sample_ids(sample["id"])
                 # the runner's signal: fairseq averages it over the epoch into its own JSON stats

@@ -6,9 +6,9 @@
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 """
 
-from .base import OptionError
 from .fngd import FNGD
 from .kfac import KFAC
+from .options import OptionError
 from .samplers import PerSampleGrads, register_sampler
 from .smw import solve_coefficients
 from .store import CoefficientStore

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .capture import MicroBatch, ModuleCapture, live_modules
+from .distributed import all_reduce_mean
 from .generic import batch_dim_of, generic_grads, generic_reason, own_params
+from .gram import add_weighted, shared_blocks
 from .samplers import PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
 from .update import global_norm, momentum_step
 
@@ -53,52 +55,6 @@ CAUSES = {
                      "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
                      "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",
 }
-
-
-class OptionError(ValueError):
-    """A bad option value, structured for hosts that report it in their own words (fairseq's
-    argparse): ``name`` (the keyword argument), ``value``, ``reason`` ("must be > 0.0", "is not
-    supported; allowed: ..."). str(): "name=value reason"."""
-
-    def __init__(self, name: str, value: Any, reason: str):
-        self.name, self.value, self.reason = name, value, reason
-        super().__init__(f"{name}={value!r} {reason}")
-
-
-class OptionTypeError(OptionError, TypeError):
-    """An option value of the wrong type (also a TypeError)."""
-
-
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise OptionError(name, value, f"is not supported; allowed: {', '.join(map(repr, allowed))}")
-
-
-def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
-                  optional: bool = False, below: float | None = None) -> None:
-    if value is None and optional:
-        return
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise OptionTypeError(name, value, f"must be {kind}")
-    bad = value <= minimum if strict else value < minimum
-    if bad or (not integer and not math.isfinite(value)):
-        raise OptionError(name, value, f"must be {'>' if strict else '>='} {minimum}")
-    if below is not None and value >= below:
-        raise OptionError(name, value, f"must be < {below}")
-
-
-def check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise OptionTypeError(name, value, "must be True or False")
-
-
-def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bool) -> None:
-    check_number("lr", lr, minimum=0.0)
-    check_number("momentum", momentum, minimum=0.0, below=1)
-    check_number("weight_decay", weight_decay, minimum=0.0)
-    if nesterov and momentum == 0:
-        raise OptionError("nesterov", nesterov, "needs momentum > 0")
 
 
 # what check_options hands the constructor instead of parameters: it stops right after the checks
@@ -390,32 +346,11 @@ class CaptureOptimizer(torch.optim.Optimizer):
             raise type(e)(f"{type(self).__name__}: per-sample gradients of {name} failed: {e}") from e
 
     def _blocks(self, reps: dict[nn.Module, PerSampleGrads]) -> dict[int, list[PerSampleGrads]]:
-        """Modules sharing a parameter form one block, keyed by its first parameter's index."""
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                x = parent[x]
-            return x
-
-        for r in reps.values():
-            ids = [self._index[id(p)] for p in r.params]
-            for i in ids[1:]:
-                parent[find(i)] = find(ids[0])
-        blocks: dict[int, list[PerSampleGrads]] = {}
-        for r in reps.values():
-            root = find(self._index[id(r.params[0])])
-            blocks.setdefault(root, []).append(r)
-        return {min(self._index[id(p)] for r in rs for p in r.params): rs for rs in blocks.values()}
+        return shared_blocks(reps, self._index)
 
     @staticmethod
     def _block_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Tensor, Tensor]]) -> None:
-        for r in reps:
-            for p, g in zip(r.params, r.weighted(w)):
-                if id(p) in out:
-                    out[id(p)] = (p, out[id(p)][1] + g)
-                else:
-                    out[id(p)] = (p, g)
+        add_weighted(reps, w, out)
 
     def _measure_scale(self, per_mb: list[dict[int, list[PerSampleGrads]]]) -> Tensor:
         """kappa: the host gradient equals kappa * (sum of what the hooks saw), measured on one small block."""
@@ -431,7 +366,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
             reps = blocks[key]
             self._block_weighted(reps, torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps)), seen)
         seen_t = [g for _, g in seen.values()]
-        self._all_reduce_mean(seen_t)
+        all_reduce_mean(seen_t)
         num = sum((p.grad.to(g.dtype) * g).sum() for (p, _), g in zip(seen.values(), seen_t))
         den = sum((g * g).sum() for g in seen_t)
         kappa = torch.where(den > 0, num / den, torch.ones_like(den))  # type: ignore[arg-type]
@@ -440,15 +375,6 @@ class CaptureOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _device(reps: list[PerSampleGrads]) -> torch.device:
         return reps[0].params[0].device
-
-    def _all_reduce_mean(self, tensors: list[Tensor]) -> None:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        world = dist.get_world_size()
-        for t in tensors:
-            dist.all_reduce(t)
-            t.div_(world)
 
     def _check_capture(self, per_mb: list[dict[int, list[PerSampleGrads]]], kappa: Tensor,
                        tolerance: float = 1e-2) -> None:
@@ -459,7 +385,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
             for reps in blocks.values():
                 w = torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps))
                 self._block_weighted(reps, w, seen)
-        self._all_reduce_mean([g for _, g in seen.values()])
+        all_reduce_mean([g for _, g in seen.values()])
         bad = []
         # a gradient that is zero up to rounding (a conv bias before a train-mode BatchNorm) is
         # judged against the size of the whole gradient, not its own

@@ -33,6 +33,7 @@ everything else, because the weighting is applied at the model output.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -41,11 +42,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .base import CaptureOptimizer, check_choice, check_flag, check_number, check_sgd_args
+from .base import CaptureOptimizer
 from .capture import MicroBatch
-from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads, override_base, post_reason, unsupported_reason
+from .distributed import all_reduce_mean
+from .gram import block_gram
+from .options import check_choice, check_flag, check_number, check_sgd_args
+from .samplers import PerSampleGrads, override_base, post_reason, unsupported_reason
+from .schedule import EpochSchedule
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
-from .store import CoefficientStore, grown
+from .store import CoefficientStore
 
 logger = logging.getLogger("fngd_plugin")
 
@@ -135,11 +140,8 @@ class FNGD(CaptureOptimizer):
         self.damping_mode = damping_mode
         self.coefficients = coefficients
         self.reuse = reuse
-        self.collect_epochs = collect_epochs
-        self.steps_per_epoch = steps_per_epoch
         self.normalize = normalize
         self.max_update_norm = max_update_norm
-        self.refresh_every = refresh_every
         self.dense_tied_limit = dense_tied_limit
         self.keep_per_sample = keep_per_sample
 
@@ -151,14 +153,10 @@ class FNGD(CaptureOptimizer):
         self._logged_epoch = -1
         self._misses_warned = 0
 
-        # schedule
-        self._epoch = 0
-        self._position = 0
-        self._epoch_signalled = False
-        self._since_signal = 0  # batches since the host last signalled an epoch start
+        self.schedule = EpochSchedule(reuse, collect_epochs, steps_per_epoch, refresh_every,
+                                      on_epoch_end=self._end_epoch, warn=self._warn_once)
         self._ignore_next = False
         self._next_ids: Tensor | None = None
-        self._seen_ids = torch.zeros(0, dtype=torch.bool)
         self._counters["nc_min"].fill_(math.inf)
         self._counters["nc_max"].fill_(-math.inf)
 
@@ -181,56 +179,39 @@ class FNGD(CaptureOptimizer):
 
     def set_epoch(self, epoch: int) -> None:
         """Tell FNGD that epoch ``epoch`` (0-based) starts now. Resets the batch position to 0."""
-        check_number("epoch", epoch, minimum=0, integer=True)
-        self._check_epoch_length()
-        if epoch != self._epoch:
-            self._end_epoch(self._epoch)
-        self._start_epoch(epoch)
+        self.schedule.set_epoch(epoch)
 
     def begin_epoch(self) -> None:
         """Tell FNGD that a new epoch starts now (hosts that know epochs but not their index).
 
         Nothing moves if no batch has run since the last epoch start (the first epoch, a resume)."""
-        if self._position == 0:
-            self._epoch_signalled = True
-            return
-        self._check_epoch_length()
-        self._end_epoch(self._epoch)
-        self._start_epoch(self._epoch + 1)
+        self.schedule.begin_epoch()
 
-    def _check_epoch_length(self) -> None:
-        if self.steps_per_epoch is not None and self._epoch_signalled and self._since_signal \
-                and self._since_signal != self.steps_per_epoch:
-            self._warn_once("epoch_length", f"FNGD: an epoch had {self._since_signal} batches but steps_per_epoch="
-                            f"{self.steps_per_epoch}; coefficients keyed by position were misaligned: pass "
-                            f"steps_per_epoch={self._since_signal} (or leave it out when the host signals epochs)")
-
-    def _start_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-        self._position = 0
-        self._since_signal = 0
-        self._epoch_signalled = True
-        self._seen_ids.zero_()
+    # the schedule's settings, as the constructor took them
+    collect_epochs = property(lambda self: self.schedule.collect_epochs)
+    steps_per_epoch = property(lambda self: self.schedule.steps_per_epoch)
+    refresh_every = property(lambda self: self.schedule.refresh_every)
 
     @property
     def epoch(self) -> int:
         """The epoch the next batch belongs to (as far as FNGD can tell)."""
-        if self.steps_per_epoch is not None and self._position >= self.steps_per_epoch:
-            return self._epoch + 1
-        return self._epoch
+        return self.schedule.epoch
 
     @property
     def in_collect_phase(self) -> bool:
-        """Whether the next batch solves for coefficients."""
-        return self._is_collect(self.epoch) or self.store is None or self.store.empty
+        """Whether the next batch solves for coefficients (a collect step)."""
+        return self._solves(self.schedule.epoch)
+
+    def _solves(self, epoch: int) -> bool:
+        return self.schedule.solves(epoch, self.store is None or self.store.empty)
 
     def stats(self) -> dict:
         """Counters as Python numbers (this syncs with the device)."""
         c = {k: float(v) for k, v in self._counters.items()}
         steps = max(c["collect_steps"], 1.0)
         return {
-            "epoch": self._epoch,
-            "position": self._position,
+            "epoch": self.schedule.current,
+            "position": self.schedule.position,
             "phase": "collect" if self.in_collect_phase else "reuse",
             "collect_steps": int(c["collect_steps"]),
             "solve_fallbacks": int(c["fallbacks"]),
@@ -254,7 +235,7 @@ class FNGD(CaptureOptimizer):
         d = self.step_counts - self._epoch_start_counts
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.unpreconditioned.items())) or "none"
         misses = 0 if self.store is None else int(self.store.misses)
-        return (f"FNGD epoch {self._epoch}: {d['collect_solved']}/{d['collect']} collect steps solved, "
+        return (f"FNGD epoch {self.schedule.current}: {d['collect_solved']}/{d['collect']} collect steps solved, "
                 f"{d['reuse_weighted']}/{d['reuse']} reuse steps reweighted; reuse misses (samples) {misses}; "
                 f"not preconditioned (all epochs): {causes}; batches discarded by the host: "
                 f"{self.discarded_batches}")
@@ -273,12 +254,7 @@ class FNGD(CaptureOptimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["fngd"] = {
-            "epoch": self._epoch,
-            "position": self._position,
-            "epoch_signalled": self._epoch_signalled,
-            "since_signal": self._since_signal,
-            "steps_per_epoch": self.steps_per_epoch,
-            "seen_ids": self._seen_ids.clone(),
+            **self.schedule.state_dict(),
             "counters": {k: v.detach().cpu().clone() for k, v in self._counters.items()},
             "store": None if self.store is None else self.store.state_dict(),
             "checked_capture": self._checked_capture,
@@ -294,13 +270,7 @@ class FNGD(CaptureOptimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "fngd"})
         if extra is None:
             return
-        self._epoch = int(extra["epoch"])
-        self._position = int(extra["position"])
-        self._epoch_signalled = bool(extra["epoch_signalled"])
-        self._since_signal = int(extra["since_signal"])
-        if self.steps_per_epoch is None:
-            self.steps_per_epoch = extra["steps_per_epoch"]
-        self._seen_ids = extra["seen_ids"].clone()
+        self.schedule.load_state_dict(extra)
         self._counters = {k: v.clone() for k, v in extra["counters"].items()}
         self._checked_capture = bool(extra["checked_capture"])
         self.step_counts = Counter(extra.get("step_counts", {}))
@@ -310,18 +280,13 @@ class FNGD(CaptureOptimizer):
         if self.store is not None and extra["store"] is not None:
             self.store.load_state_dict(extra["store"])
 
-    # ------------------------------------------------------------------ schedule
-    def _is_collect(self, epoch: int) -> bool:
-        if self.reuse == "off" or epoch < self.collect_epochs:
-            return True
-        return self.refresh_every is not None and epoch % self.refresh_every == 0
-
+    # ------------------------------------------------------------------ epochs
     def log_epoch(self) -> None:
         """Log :meth:`epoch_line` for the current epoch, once (hosts call it when an epoch ends;
         FNGD calls it itself when the next one starts). Nothing before the epoch's first batch
         (fairseq calls its end-of-epoch hook once when it loads a checkpoint, too)."""
-        if self._logged_epoch != self._epoch and self._position > 0:
-            self._logged_epoch = self._epoch
+        if self._logged_epoch != self.schedule.current and self.schedule.position > 0:
+            self._logged_epoch = self.schedule.current
             logger.info(self.epoch_line())
             misses = 0 if self.store is None else int(self.store.misses)
             if misses > self._misses_warned:
@@ -333,7 +298,7 @@ class FNGD(CaptureOptimizer):
     def _end_epoch(self, epoch: int) -> None:
         self.log_epoch()
         self._epoch_start_counts = Counter(self.step_counts)
-        if not self._is_collect(epoch):
+        if not self.schedule.is_collect(epoch):
             return
         s = self.stats()
         logger.info(
@@ -347,51 +312,31 @@ class FNGD(CaptureOptimizer):
             self._warn_once("fallback", f"FNGD: {s['solve_fallbacks']} Cholesky solves failed and fell back to "
                             "a diagonal solve; consider a larger damping")
 
-    def _advance(self, ids: Tensor | None) -> None:
-        """Move the epoch counter on before a new batch starts (by length or by repeated ids)."""
-        new_epoch = False
-        if self.steps_per_epoch is not None and self._position >= self.steps_per_epoch:
-            new_epoch = True
-        elif ids is not None and self.steps_per_epoch is None and self._is_collect(self._epoch) \
-                and self.reuse == "sample" and ids.numel():
-            ids_cpu = ids.cpu()
-            self._seen_ids = grown(self._seen_ids, int(ids_cpu.max()) + 1)
-            if bool(self._seen_ids[ids_cpu].any()):
-                new_epoch = True
-            else:
-                self._seen_ids[ids_cpu] = True
-        if new_epoch:
-            self._end_epoch(self._epoch)
-            self._epoch += 1
-            self._position = 0
-            if ids is not None and self._seen_ids.numel():
-                self._seen_ids.zero_()
-                self._seen_ids[ids.cpu()] = True
-
     def _unsupported(self, module: nn.Module) -> str | None:
         reason = unsupported_reason(module)
         if reason is None or (override_base(module) is not None and post_reason(module) is None):
             return None
         return None if self._generic_ok(module) else reason
 
+    # ------------------------------------------------------------------ the two steps
+    # Collect step (a collect epoch, or nothing stored yet): the batch's per-sample gradients are
+    # captured, their Gram K solved for c (smw.py) and stored, and each covered gradient replaced
+    # by sum_i c_i g_i: _precondition -> _collect_step.
+    # Reuse step, coefficients="network": nothing is captured; _network_reuse_weights scales the
+    # model output's gradient by n c_i, so the host's one ordinary backward already yields
+    # sum_i c_i g_i for every parameter (the loss it differentiates is in effect sum_i n c_i l_i).
+    # Reuse step, coefficients="layer" (or another optimizer owns part of the model): each layer's
+    # captured per-sample gradients are reweighted with its stored c: _layer_reuse_step.
+
     def _start_batch(self, root: nn.Module, args: tuple) -> MicroBatch | None:
         ids, self._next_ids = self._next_ids, None
         if self._ignore_next:
             self._ignore_next = False
-            collect = self._is_collect(self.epoch) or self.store is None or self.store.empty
+            collect = self._solves(self.epoch)
             return MicroBatch(position=-1, epoch=self.epoch, collect=collect,
                               capture=collect or self.coefficients == "layer", dummy=True)
-        if self.reuse == "sample" and ids is None:
-            raise ValueError("FNGD(reuse='sample') needs the batch's sample ids: call opt.set_sample_ids(ids) "
-                             "before each forward, or use reuse='position'")
-        if self.reuse == "position" and self.steps_per_epoch is None and not self._epoch_signalled:
-            raise ValueError("FNGD(reuse='position') needs steps_per_epoch=<batches per epoch> (or opt.set_epoch(e) "
-                             "at each epoch start); alternatively reuse='sample' with sample ids or reuse='off'")
-        self._advance(ids)
-        position, epoch = self._position, self._epoch
-        self._position += 1
-        self._since_signal += 1
-        collect = self._is_collect(epoch) or self.store is None or self.store.empty
+        position, epoch = self.schedule.next_batch(ids)
+        collect = self._solves(epoch)
         # Network reuse reweights the model's output gradient: every parameter below it gets the
         # weighted gradient. If another optimizer owns some of them (FNGD on the body, AdamW on
         # the head), reweight layer by layer instead (no Gram, no solve), leaving theirs alone.
@@ -402,12 +347,12 @@ class FNGD(CaptureOptimizer):
         mb = MicroBatch(position=position, epoch=epoch, collect=collect,
                         capture=collect or self.coefficients == "layer" or by_layer, ids=ids)
         if not collect and self.coefficients == "network" and not by_layer:
-            mb.reweight = lambda n: self._reuse_weights(mb, n)
+            mb.reweight = functools.partial(self._network_reuse_weights, mb)
         return mb
 
-
-    def _reuse_weights(self, mb: MicroBatch, n: int) -> Tensor:
-        """Root output multipliers for a network-reuse batch: n * c_i (see the class docstring)."""
+    def _network_reuse_weights(self, mb: MicroBatch, n: int) -> Tensor:
+        """The network reuse step: multipliers n * c_i of the model output's gradient (capture.py
+        applies them during the host's backward, which then yields sum_i c_i g_i everywhere)."""
         if not (self.store is not None):  # an invariant, kept under python -O
             raise RuntimeError("fngd_plugin internal error: expected self.store is not None")
         if mb.ids is not None and mb.ids.numel() != n:
@@ -419,93 +364,99 @@ class FNGD(CaptureOptimizer):
             return torch.ones(n, dtype=torch.float64, device=device)
         return (n * c).to(self._params[0].dtype)
 
-    def _block_gram(self, reps: list[PerSampleGrads], keep: bool = False) -> Tensor:
-        if len(reps) == 1:
-            return reps[0].gram(keep=keep)
-        K = _shared_table_gram(reps)
-        if K is not None:
-            return K
-        n = reps[0].n
-        size = sum(p.numel() for p in {id(p): p for r in reps for p in r.params}.values())
-        if n * size > self.dense_tied_limit:
-            self._add("tied_approx", torch.ones((), dtype=torch.float64))
-            self._warn_once("tied", "FNGD: a parameter shared between modules is too large for an exact Gram; "
-                            "its cross terms are dropped (raise dense_tied_limit to make it exact)")
-            return sum(r.gram() for r in reps)  # type: ignore[return-value]
-        acc: dict[int, Tensor] = {}
-        for r in reps:
-            for p, g in zip(r.params, r.materialize()):
-                g = g.reshape(n, -1)
-                acc[id(p)] = acc[id(p)] + g if id(p) in acc else g
-        G = torch.cat(list(acc.values()), dim=1)
-        return G @ G.T
-
     def _precondition(self, batches: list[MicroBatch]) -> None:
+        """Rewrite the covered gradients from this step's captured micro-batches: each one's
+        direction (its collect step or layer reuse step) counts n_m / N, the host's own mean."""
         if not batches:
             return
-        per_mb = [self._blocks(self._reps(mb)) for mb in batches]
-        live = [(mb, blocks) for mb, blocks in zip(batches, per_mb) if blocks]
+        live = [(mb, blocks) for mb in batches if (blocks := self._blocks(self._reps(mb)))]
         if not live:
             if any(p.grad is not None for p in self._params):
                 self._unengaged("no_layer_gradient")
             return
         self._engaged = True
-        batches, per_mb = [x[0] for x in live], [x[1] for x in live]
-        ns = [next(iter(b.values()))[0].n for b in per_mb]
-        N = sum(n for mb, n in zip(batches, ns) if not mb.dummy)
+        per_mb = [blocks for _, blocks in live]
+        ns = [next(iter(blocks.values()))[0].n for blocks in per_mb]
+        N = sum(n for (mb, _), n in zip(live, ns) if not mb.dummy)
         kappa = self._measure_scale(per_mb)
         if not self._checked_capture:
             low = any(c.delta is not None and c.delta.dtype in (torch.bfloat16, torch.float16)
-                      for mb in batches for calls in mb.calls.values() for c in calls)
+                      for mb, _ in live for calls in mb.calls.values() for c in calls)
             self._check_capture(per_mb, kappa, tolerance=0.1 if low else 1e-2)
         out: dict[int, tuple[Tensor, Tensor]] = {}
-        totals = []  # sum_i c_i per solved block, weighted n_m / N (the scale of uncovered gradients)
-        unit = (N * kappa) ** 2  # raw Gram -> true per-sample units
-        for mb, blocks, n in zip(batches, per_mb, ns):
+        totals: list[Tensor] = []  # sum_i c_i per block, weighted n_m / N (the scale of uncovered gradients)
+        for (mb, blocks), n in zip(live, ns):
             if mb.dummy:  # zero contribution, same blocks: the all-reduce below stays matched
                 for reps in blocks.values():
                     self._block_weighted(reps, torch.zeros(n, dtype=torch.float64, device=kappa.device), out)
                 continue
-            # g_i = N kappa * (raw column i), and the micro-batch direction counts n_m / N, so the
-            # raw per-sample gradients are weighted by n_m kappa c_i
             looked = self._look_up(mb, blocks, n, kappa.device)
-            if looked is not None:
-                for key, reps in blocks.items():
-                    self._block_weighted(reps, n * kappa * looked[key], out)
-                share = 1.0 if self.coefficients == "network" else 1.0 / len(blocks)
-                totals.extend((n / N) * share * c.sum() for c in {id(c): c for c in looked.values()}.values())
-            elif self.coefficients == "network":
-                budget = self.keep_per_sample
-                K = None
-                for reps in blocks.values():
-                    size = reps[0].cache_size()
-                    keep = len(reps) == 1 and 0 < size <= budget
-                    budget -= size if keep else 0
-                    Kb = self._block_gram(reps, keep=keep)
-                    K = Kb if K is None else K + Kb
-                c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
-                totals.append((n / N) * c.sum())
-                for reps in blocks.values():
-                    self._block_weighted(reps, n * kappa * c, out)
-            else:  # one block at a time: its per-sample gradients are dropped before the next
-                for key, reps in blocks.items():
-                    c = self._solve(self._block_gram(reps, keep=True), unit, mb, key, share=1.0 / len(blocks))
-                    totals.append((n / N) * c.sum() / len(blocks))
-                    self._block_weighted(reps, n * kappa * c, out)
-            if mb.collect or looked is None:
-                self._add("collect_steps", torch.ones((), dtype=torch.float64))
+            if looked is None:
+                totals += self._collect_step(mb, blocks, n, N, kappa, out)
+            else:
+                totals += self._layer_reuse_step(blocks, looked, n, N, kappa, out)
+        self._write_directions(out, totals, kappa)
+
+    def _collect_step(self, mb: MicroBatch, blocks: dict[int, list[PerSampleGrads]], n: int, N: int, kappa: Tensor,
+                      out: dict[int, tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """One micro-batch's collect step: Gram, solve (coefficients stored), weighted sum into
+        ``out``. The hooks' raw per-sample gradient i is g_i / (N kappa) (kappa: the host's
+        gradient scale) and this micro-batch of n counts n / N. Returns its totals sum_i c_i."""
+        self._add("collect_steps", torch.ones((), dtype=torch.float64))
+        unit = (N * kappa) ** 2  # raw Gram -> true per-sample units
+        w = n * kappa  # raw per-sample gradients weighted n kappa c_i
+        if self.coefficients == "network":
+            budget = self.keep_per_sample
+            K = None
+            for reps in blocks.values():
+                size = reps[0].cache_size()
+                keep = len(reps) == 1 and 0 < size <= budget
+                budget -= size if keep else 0
+                Kb = self._block_gram(reps, keep=keep)
+                K = Kb if K is None else K + Kb
+            c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
+            for reps in blocks.values():
+                self._block_weighted(reps, w * c, out)
+            return [(n / N) * c.sum()]
+        totals = []
+        for key, reps in blocks.items():  # one block at a time: its per-sample gradients are dropped before the next
+            c = self._solve(self._block_gram(reps, keep=True), unit, mb, key, share=1.0 / len(blocks))
+            self._block_weighted(reps, w * c, out)
+            totals.append((n / N) * c.sum() / len(blocks))
+        return totals
+
+    def _layer_reuse_step(self, blocks: dict[int, list[PerSampleGrads]], looked: dict[int, Tensor], n: int, N: int,
+                          kappa: Tensor, out: dict[int, tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """One micro-batch's layer reuse step: each block's per-sample gradients weighted by its
+        stored coefficients (arguments as in :meth:`_collect_step`)."""
+        for key, reps in blocks.items():
+            self._block_weighted(reps, n * kappa * looked[key], out)
+        share = 1.0 if self.coefficients == "network" else 1.0 / len(blocks)
+        return [(n / N) * share * c.sum() for c in {id(c): c for c in looked.values()}.values()]
+
+    def _write_directions(self, out: dict[int, tuple[Tensor, Tensor]], totals: list[Tensor], kappa: Tensor) -> None:
+        """Average the directions over the replicas and write them into p.grad; without
+        normalize="sum", uncovered gradients are scaled by the step's weight total."""
         grads = [g for _, g in out.values()]
-        self._all_reduce_mean(grads)
+        all_reduce_mean(grads)
         written = set()
         for (p, _), g in zip(out.values(), grads):
             p.grad = g.to(p.dtype) if p.grad is None else g.to(p.grad.dtype).view_as(p.grad)
             written.add(id(p))
         if self.normalize != "sum":
             tau = torch.stack(totals).sum() if totals else kappa.new_zeros(())
-            self._all_reduce_mean([tau])  # every replica scales its uncovered gradients alike
+            all_reduce_mean([tau])  # every replica scales its uncovered gradients alike
             for p in self._params:
                 if p.grad is not None and id(p) not in written:
                     p.grad.mul_(tau.to(p.grad.dtype))
+
+    def _block_gram(self, reps: list[PerSampleGrads], keep: bool = False) -> Tensor:
+        K, dropped = block_gram(reps, keep=keep, dense_limit=self.dense_tied_limit)
+        if dropped:
+            self._add("tied_approx", torch.ones((), dtype=torch.float64))
+            self._warn_once("tied", "FNGD: a parameter shared between modules is too large for an exact Gram; "
+                            "its cross terms are dropped (raise dense_tied_limit to make it exact)")
+        return K
 
     def _look_up(self, mb: MicroBatch, blocks: dict, n: int, device: torch.device) -> dict[int, Tensor] | None:
         """Stored coefficients for a layer-reuse batch, or None if it must solve."""
@@ -536,27 +487,3 @@ class FNGD(CaptureOptimizer):
         if self.store is not None:  # non-finite coefficients are masked inside the store
             self.store.put(key, c, ids=mb.ids, position=mb.position)
         return c
-
-
-def _shared_table_gram(reps: list[PerSampleGrads]) -> Tensor | None:
-    """Exact Gram for embeddings sharing one table, plus at most one Linear tied to it (an output
-    projection). Only the rows the embeddings touch carry cross terms, so those are all that is
-    materialised. None if the block has another shape."""
-    embs = [r for r in reps if isinstance(r, EmbeddingGrads)]
-    lins = [r for r in reps if isinstance(r, FactoredGrads)]
-    if not embs or len(embs) + len(lins) != len(reps) or len(lins) > 1:
-        return None
-    table = embs[0].weight
-    if any(r.weight is not table for r in [*embs, *lins]):
-        return None
-    n = reps[0].n
-    rows = torch.unique(torch.cat([e.idx.reshape(-1) for e in embs]))
-    E = embs[0].rows(rows)
-    for e in embs[1:]:
-        E = E + e.rows(rows)
-    E = E.reshape(n, -1)
-    K = E @ E.T
-    if lins:
-        C = lins[0].rows(rows).reshape(n, -1) @ E.T
-        K = K + C + C.T + lins[0].gram()
-    return K

@@ -28,8 +28,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .base import CaptureOptimizer, check_choice, check_number, check_sgd_args
+from .base import CaptureOptimizer
 from .capture import MicroBatch
+from .options import check_choice, check_number, check_sgd_args
 from .samplers import unsupported_reason
 
 INVERSE_METHODS = ("eigen", "cholesky")

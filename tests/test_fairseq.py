@@ -568,6 +568,6 @@ def test_kfac_refuses_distributed_training(monkeypatch):
     """KFAC's factors are per worker (no all-reduce in the core): two CPU workers ended 2 epochs with
     parameters 0.34 apart. Refused at build time, in every worker, before any step."""
     cfg, _, model, _, _ = setup(["--optimizer", "kfac", "--lr", "0.05"])
-    monkeypatch.setattr(fairseq_ext, "_world_size", lambda: 2)
+    monkeypatch.setattr(fairseq_ext, "world_size", lambda: 2)
     with pytest.raises(ValueError, match="kfac does not support distributed training"):
         build_optimizer(cfg.optimizer, list(model.parameters()))

@@ -74,7 +74,7 @@ def test_eval_and_no_grad_forwards_do_not_count():
     model.eval()
     model(x)
     model.train()
-    assert opt._position == 0 and not opt._capture.pending
+    assert opt.schedule.position == 0 and not opt._capture.pending
 
 
 # ------------------------------------------------------------------------------------------ resume
