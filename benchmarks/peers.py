@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import Seq2Seq, seq2seq_batch  # noqa: E402
-from step_cost import BIG, KFAC_KINDS, KFAC_MAX_DIM, fmt_table, sync, train_step  # noqa: E402
+from step_cost import BIG, KFAC_KINDS, KFAC_MAX_DIM, fmt_table, sync, train_step, write_report  # noqa: E402
 
 from fngd_plugin import FNGD, KFAC  # noqa: E402
 from timm_ext import cifar_resnet18  # noqa: E402  (the sweeps' model, registered in timm)
@@ -387,10 +387,7 @@ def main() -> None:
         times, failed, notes = time_task(task, args.device, rounds, slow_rounds, log)
         sections.append(summarize(task, batch, times, failed, notes))
         print(sections[-1], flush=True)
-    report = "\n".join(header + sections) + f"\nTotal benchmark time: {time.perf_counter() - t_start:.0f} s\n"
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
+    write_report(args.out, "\n".join(header + sections), t_start)
     log(f"wrote {args.out}")
 
 

@@ -241,6 +241,13 @@ def summarize(task, batch, times, memory, epoch_steps, coefficients) -> str:
     return "\n".join(out)
 
 
+def write_report(path: str, text: str, t_start: float) -> None:
+    """The benchmark's markdown, with its total time, to ``path`` (directories made as needed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + f"\nTotal benchmark time: {time.perf_counter() - t_start:.0f} s\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="paper sizes: ResNet-18 batch 128; Transformer 64x30")
@@ -293,10 +300,7 @@ def main() -> None:
         sections.append(f"FNGD Gram cost per batch, ms by layer type ({task}):\n\n"
                         + fmt_table(["batch", *types, "total"], rows) + "\n")
         print(sections[-2] + "\n\n" + sections[-1], flush=True)
-    report = "\n".join(header + sections) + f"\n\nTotal benchmark time: {time.perf_counter() - t_start:.0f} s\n"
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
+    write_report(args.out, "\n".join(header + sections) + "\n", t_start)
     log(f"wrote {args.out}")
 
 

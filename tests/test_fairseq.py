@@ -153,44 +153,7 @@ def test_every_linear_embedding_layernorm_parameter_is_covered(f64):
 
 
 # ------------------------------------------------------------------------------ corpus and real CLIs
-PO = r'''msgid ""
-msgstr ""
-"Content-Type: text/plain; charset=UTF-8\n"
-
-#: a.py:1
-msgid "Save"
-msgstr "Speichern"
-
-#, fuzzy
-msgid "Delete"
-msgstr "Entfernen"
-
-msgid "One item"
-msgid_plural "%d items"
-msgstr[0] "Ein Eintrag"
-msgstr[1] "%d Einträge"
-
-msgid ""
-"A long sentence that "
-"continues with a \"quote\"."
-msgstr ""
-"Ein langer Satz, der "
-"mit einem \"Zitat\" weitergeht."
-
-msgid "Untranslated"
-msgstr ""
-
-#~ msgid "Old"
-#~ msgstr "Alt"
-'''
-
-
-def test_po_parser_takes_only_real_translations():
-    from fairseq_ext.corpus import parse_po
-
-    assert parse_po(PO) == [("Save", "Speichern"),
-                            ('A long sentence that continues with a "quote".',
-                             'Ein langer Satz, der mit einem "Zitat" weitergeht.')]
+# (the catalog parser's own tests: tests/test_corpus.py)
 
 
 def cli(module: str, *args: str, timeout: int = 600) -> str:
