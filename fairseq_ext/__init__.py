@@ -87,6 +87,9 @@ class FairseqFNGDConfig(FairseqDataclass):
     no_generic_fallback: bool = field(default=False, metadata={
         "help": "leave modules without a sampler (e.g. learned positional embeddings) to the plain gradient "
                 "instead of covering them with exact torch.func per-sample gradients"})
+    sketch: Optional[int] = field(default=None, metadata={
+        "help": "k: Linear layers whose exact Gram costs more than a k x k random sketch per sample (the "
+                "vocabulary projection at thousands of tokens) get the sketch's unbiased Gram; unset: all exact"})
     lr: List[float] = II("optimization.lr")
 
 
@@ -197,7 +200,7 @@ class FairseqFNGD(_Wrapped):
                     damping=c.damping, damping_mode=str(c.damping_mode), coefficients=str(c.coefficients),
                     reuse=str(c.reuse), collect_epochs=c.collect_epochs, normalize=str(c.normalize),
                     max_update_norm=c.max_update_norm, refresh_every=c.refresh_every,
-                    generic_fallback=not c.no_generic_fallback)
+                    generic_fallback=not c.no_generic_fallback, sketch=getattr(c, "sketch", None))
 
 
 @register_optimizer("kfac", dataclass=FairseqKFACConfig)

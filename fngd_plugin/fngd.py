@@ -90,6 +90,9 @@ class FNGD(CaptureOptimizer):
             are dropped (reported once).
         keep_per_sample: with coefficients="network", per-sample gradients materialised for the
             Gram are kept (up to this many elements) so the weighted sum needs no second pass.
+        sketch: optional k: Linear layers whose exact Gram costs more than a k x k random sketch
+            of each per-sample gradient (vocabulary-sized projections over many tokens) get the
+            sketch's unbiased Gram instead (``gram.py``); None (default): every Gram exact.
         generic_fallback: cover a module that owns parameters but has no registered sampler (and is
             not a subclass recognised as its parent's math) with exact torch.func per-sample
             gradients of its own parameters (``generic.py``); False leaves such modules to the
@@ -118,6 +121,7 @@ class FNGD(CaptureOptimizer):
         dense_tied_limit: int = 2**26,
         keep_per_sample: int = 2**26,
         generic_fallback: bool = True,
+        sketch: int | None = None,
     ):
         check_sgd_args(lr, momentum, weight_decay, nesterov)
         check_number("damping", damping, minimum=0.0, strict=True)
@@ -132,6 +136,7 @@ class FNGD(CaptureOptimizer):
         check_number("dense_tied_limit", dense_tied_limit, minimum=0, integer=True)
         check_number("keep_per_sample", keep_per_sample, minimum=0, integer=True)
         check_flag("generic_fallback", generic_fallback)
+        check_number("sketch", sketch, minimum=1, integer=True, optional=True)
         self.generic_fallback = generic_fallback  # read by the coverage report in super().__init__
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
@@ -144,6 +149,8 @@ class FNGD(CaptureOptimizer):
         self.max_update_norm = max_update_norm
         self.dense_tied_limit = dense_tied_limit
         self.keep_per_sample = keep_per_sample
+        self.sketch = sketch
+        self._solves_in_step = 0  # Grams drawn in the current step (seeds of their sketches)
 
         self.store = CoefficientStore(reuse) if reuse != "off" else None
         # host-side step counts: collect / collect_solved / reuse / reuse_weighted, in total and
@@ -375,6 +382,7 @@ class FNGD(CaptureOptimizer):
                 self._unengaged("no_layer_gradient")
             return
         self._engaged = True
+        self._solves_in_step = 0
         per_mb = [blocks for _, blocks in live]
         ns = [next(iter(blocks.values()))[0].n for blocks in per_mb]
         N = sum(n for (mb, _), n in zip(live, ns) if not mb.dummy)
@@ -408,11 +416,11 @@ class FNGD(CaptureOptimizer):
         if self.coefficients == "network":
             budget = self.keep_per_sample
             K = None
-            for reps in blocks.values():
+            for key, reps in blocks.items():
                 size = reps[0].cache_size()
                 keep = len(reps) == 1 and 0 < size <= budget
                 budget -= size if keep else 0
-                Kb = self._block_gram(reps, keep=keep)
+                Kb = self._block_gram(reps, keep=keep, key=key)
                 K = Kb if K is None else K + Kb
             c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
             for reps in blocks.values():
@@ -420,7 +428,7 @@ class FNGD(CaptureOptimizer):
             return [(n / N) * c.sum()]
         totals = []
         for key, reps in blocks.items():  # one block at a time: its per-sample gradients are dropped before the next
-            c = self._solve(self._block_gram(reps, keep=True), unit, mb, key, share=1.0 / len(blocks))
+            c = self._solve(self._block_gram(reps, keep=True, key=key), unit, mb, key, share=1.0 / len(blocks))
             self._block_weighted(reps, w * c, out)
             totals.append((n / N) * c.sum() / len(blocks))
         return totals
@@ -450,8 +458,12 @@ class FNGD(CaptureOptimizer):
                 if p.grad is not None and id(p) not in written:
                     p.grad.mul_(tau.to(p.grad.dtype))
 
-    def _block_gram(self, reps: list[PerSampleGrads], keep: bool = False) -> Tensor:
-        K, dropped = block_gram(reps, keep=keep, dense_limit=self.dense_tied_limit)
+    def _block_gram(self, reps: list[PerSampleGrads], keep: bool = False, key: int = 0) -> Tensor:
+        sketch = None
+        if self.sketch is not None:  # a fresh sketch per solve and block, the same after a resume
+            sketch = (self.sketch, hash((self.step_counts["collect"], self._solves_in_step, key)) & (2**62 - 1))
+            self._solves_in_step += 1
+        K, dropped = block_gram(reps, keep=keep, dense_limit=self.dense_tied_limit, sketch=sketch)
         if dropped:
             self._add("tied_approx", torch.ones((), dtype=torch.float64))
             self._warn_once("tied", "FNGD: a parameter shared between modules is too large for an exact Gram; "

@@ -5,14 +5,27 @@ share a parameter (a tied embedding and output projection, ALBERT-style shared l
 per-sample gradients add up before the inner products are taken. Unshared modules are blocks of
 one, whose Gram is their sampler's own (``PerSampleGrads.gram``, the factored trick where it has
 one). K = sum over blocks is the n x n matrix of FNGD's solve (``smw.py``).
+
+Sketched Gram (``FNGD(sketch=k)``): for a Linear layer over tokens or a Conv2d whose exact Gram is
+dear (the vocabulary-sized output projection at thousands of tokens, a ResNet's early convolutions:
+n^2 T^2 (p+q) or n p q (T+n) flops), an unbiased estimate from k x k random features per sample.
+With S_p (p x k) and S_q (q x k) of independent N(0, 1/k) entries, the sketched per-sample
+gradient S_q^T G_i S_p = sum_t (S_q^T d_it)(a_it^T S_p) costs n T k (p + q + k), never
+materialising G_i (for a convolution, a_it^T S_p is a convolution with k random filters), and since
+E[(S_p (x) S_q)(S_p (x) S_q)^T] = I, E[<sketch_i, sketch_j>] = <G_i, G_j> exactly. The bias part
+stays exact. A fresh sketch is drawn for every solve (seeded by the solve's count and the block,
+so a resumed run draws the same ones).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .samplers import EmbeddingGrads, FactoredGrads, PerSampleGrads
+from .samplers import ConvGrads, EmbeddingGrads, FactoredGrads, PerSampleGrads
 
 
 def shared_blocks(reps: dict[nn.Module, PerSampleGrads], index: dict[int, int]) -> dict[int, list[PerSampleGrads]]:
@@ -42,13 +55,72 @@ def add_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Ten
             out[id(p)] = (p, out[id(p)][1] + g) if id(p) in out else (p, g)
 
 
-def block_gram(reps: list[PerSampleGrads], *, keep: bool = False, dense_limit: int) -> tuple[Tensor, bool]:
+def _sizes(r: PerSampleGrads) -> tuple[int, int, int, int] | None:
+    """(n, T, p, q) of a layer whose per-sample gradient is sum_t d_it a_it^T (q x p), else None."""
+    if isinstance(r, FactoredGrads):
+        n, T, p = r.A.shape
+        return n, T, p, r.D.shape[-1]
+    if isinstance(r, ConvGrads) and r.module.groups == 1:
+        return r.n, r._tokens(), r.weight[0].numel(), r.weight.shape[0]
+    return None
+
+
+def sketch_pays(r: PerSampleGrads, k: int) -> bool:
+    """Whether a k x k sketch is cheaper than the exact Gram of this Linear or Conv2d (flop counts)."""
+    sizes = _sizes(r)
+    if sizes is None:
+        return False
+    n, T, p, q = sizes
+    exact = min((n * T) ** 2 * (p + q), n * T * p * q + n * n * p * q)
+    return p * q > k * k and n * T * k * (p + q + k) + n * n * k * k < exact
+
+
+def _sketched_factors(r: PerSampleGrads, k: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(A S_p, D S_q, per-sample bias gradients or None) of a Linear or an ungrouped Conv2d; the
+    convolution's A S_p is a convolution with k random filters (no patches unfolded)."""
+    if isinstance(r, FactoredGrads):
+        A, D = r.A, r.D
+        Sp = torch.randn(A.shape[-1], k, generator=g, device=A.device, dtype=A.dtype) / math.sqrt(k)
+        Sq = torch.randn(D.shape[-1], k, generator=g, device=D.device, dtype=D.dtype) / math.sqrt(k)
+        return (A @ Sp).to(D.dtype), D @ Sq, None if r.bias is None else D.sum(dim=1)
+    m = r.module
+    a0, d0 = r.calls[0]
+    Sp = torch.randn(k, *m.weight.shape[1:], generator=g, device=a0.device, dtype=a0.dtype) / math.sqrt(k)
+    Sq = torch.randn(m.weight.shape[0], k, generator=g, device=d0.device, dtype=d0.dtype) / math.sqrt(k)
+    As, Ds, bias = [], [], None
+    for a, delta in r.calls:
+        a, padding = r._padded(a)
+        As.append(F.conv2d(a, Sp, stride=m.stride, padding=padding, dilation=m.dilation).flatten(2).transpose(1, 2))
+        Ds.append(delta.flatten(2).transpose(1, 2) @ Sq)
+        if r.bias is not None:
+            bias = delta.sum(dim=(2, 3)) if bias is None else bias + delta.sum(dim=(2, 3))
+    return torch.cat(As, dim=1).to(d0.dtype), torch.cat(Ds, dim=1), bias
+
+
+def sketched_gram(r: PerSampleGrads, k: int, seed: int) -> Tensor:
+    """An unbiased estimate of a Linear or Conv2d layer's Gram from k x k random features per
+    sample (module docstring); the bias part exact."""
+    g = torch.Generator(device=r.params[0].device)
+    g.manual_seed(seed)
+    As, Ds, bias = _sketched_factors(r, k, g)
+    G = torch.bmm(Ds.transpose(1, 2), As).reshape(r.n, -1)
+    K = G @ G.T
+    if bias is not None:
+        K = K + bias @ bias.T
+    return K
+
+
+def block_gram(reps: list[PerSampleGrads], *, keep: bool = False, dense_limit: int,
+               sketch: tuple[int, int] | None = None) -> tuple[Tensor, bool]:
     """(K, dropped): the block's n x n Gram; ``dropped`` when a shared parameter was too large
     (n * its size > ``dense_limit``) for an exact Gram and its cross terms were left out.
-    ``keep``: a block of one keeps what it materialised for the weighted sum that follows."""
+    ``keep``: a block of one keeps what it materialised for the weighted sum that follows.
+    ``sketch`` = (k, seed): Linear Grams that a k x k sketch makes cheaper are sketched."""
     if len(reps) == 1:
+        if sketch is not None and sketch_pays(reps[0], sketch[0]):
+            return sketched_gram(reps[0], *sketch), False  # type: ignore[arg-type]
         return reps[0].gram(keep=keep), False
-    K = shared_table_gram(reps)
+    K = shared_table_gram(reps, sketch)
     if K is not None:
         return K, False
     n = reps[0].n
@@ -64,10 +136,11 @@ def block_gram(reps: list[PerSampleGrads], *, keep: bool = False, dense_limit: i
     return G @ G.T, False
 
 
-def shared_table_gram(reps: list[PerSampleGrads]) -> Tensor | None:
+def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None = None) -> Tensor | None:
     """Exact Gram for embeddings sharing one table, plus at most one Linear tied to it (an output
-    projection). Only the rows the embeddings touch carry cross terms, so those are all that is
-    materialised. None if the block has another shape."""
+    projection; its own Gram sketched with ``sketch`` where that pays, the cross terms exact). Only
+    the rows the embeddings touch carry cross terms, so those are all that is materialised. None if
+    the block has another shape."""
     embs = [r for r in reps if isinstance(r, EmbeddingGrads)]
     lins = [r for r in reps if isinstance(r, FactoredGrads)]
     if not embs or len(embs) + len(lins) != len(reps) or len(lins) > 1:
@@ -84,5 +157,7 @@ def shared_table_gram(reps: list[PerSampleGrads]) -> Tensor | None:
     K = E @ E.T
     if lins:
         C = lins[0].rows(rows).reshape(n, -1) @ E.T
-        K = K + C + C.T + lins[0].gram()
+        own = sketched_gram(lins[0], *sketch) if sketch is not None and sketch_pays(lins[0], sketch[0]) \
+            else lins[0].gram()
+        K = K + C + C.T + own
     return K

@@ -106,7 +106,7 @@ def loaders(root, batch=64, size=16):
     train = create_dataset("", root=str(root), split="train", is_training=True)
     val = create_dataset("", root=str(root), split="validation")
     common = dict(input_size=(3, size, size), mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0, use_prefetcher=False,
-                  device=torch.device("cpu"))
+                  device=torch.device("cpu"), persistent_workers=False)
     tl = create_loader(train, batch_size=batch, is_training=True, no_aug=True, **common)
     vl = create_loader(val, batch_size=128, is_training=False, **common)
     return tl, vl
@@ -364,7 +364,10 @@ def _resnet_oracle(model, x, y, lam):
 def test_set_grad_checkpointing_is_neither_a_new_batch_nor_counted_twice(f64, reentrant):
     """train.py --grad-checkpointing: model.set_grad_checkpointing(True) recomputes each stage in
     the backward (timm's checkpoint_seq; reentrant or not per timm.layers.set_reentrant_ckpt)."""
-    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+    try:
+        from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+    except ImportError:  # older timm (1.0.12 is the lowest supported) checkpoints reentrantly only
+        pytest.skip("this timm has no set_reentrant_ckpt (added in a later 1.0.x)")
 
     old = use_reentrant_ckpt()
     set_reentrant_ckpt(reentrant)

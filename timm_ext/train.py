@@ -161,7 +161,7 @@ class Trainer:
         root, name = args.data, args.dataset
         common = dict(input_size=(3, args.img_size, args.img_size), mean=tuple(args.mean), std=tuple(args.std),
                       num_workers=args.workers, use_prefetcher=False, distributed=self.world > 1,
-                      device=self.device)
+                      device=self.device, persistent_workers=args.workers > 0)  # timm < 1.0.2x defaults to True
         train = create_dataset(name, root=root, split=args.train_split, is_training=True, download=args.download)
         val = create_dataset(name, root=root, split=args.val_split, download=args.download)
         self.train_loader = create_loader(train, batch_size=args.batch_size, is_training=True,
