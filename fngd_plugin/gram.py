@@ -55,6 +55,10 @@ def add_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Ten
             out[id(p)] = (p, out[id(p)][1] + g) if id(p) in out else (p, g)
 
 
+# elements of the token route's n T_e x (n T_e + n T_l) matrices it may hold (else: the rows route)
+_TOKEN_ROUTE_LIMIT = 2**27
+
+
 def _sizes(r: PerSampleGrads) -> tuple[int, int, int, int] | None:
     """(n, T, p, q) of a layer whose per-sample gradient is sum_t d_it a_it^T (q x p), else None."""
     if isinstance(r, FactoredGrads):
@@ -136,11 +140,14 @@ def block_gram(reps: list[PerSampleGrads], *, keep: bool = False, dense_limit: i
     return G @ G.T, False
 
 
-def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None = None) -> Tensor | None:
+def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None = None,
+                      route: str | None = None) -> Tensor | None:
     """Exact Gram for embeddings sharing one table, plus at most one Linear tied to it (an output
-    projection; its own Gram sketched with ``sketch`` where that pays, the cross terms exact). Only
-    the rows the embeddings touch carry cross terms, so those are all that is materialised. None if
-    the block has another shape."""
+    projection; its own Gram sketched with ``sketch`` where that pays, the cross terms exact). None
+    if the block has another shape. Two routes, the cheaper by flop count unless ``route`` says:
+    "rows" materialises the per-sample gradients of the rows the embeddings touch (n^2 U d);
+    "tokens" works token by token (K_ij = sum_ts [x_it = x_js] d_it.d_js for the embeddings, and
+    sum_ts D_js[x_it] (d_it . a_js) for their cross terms with the projection: (nT)^2 d)."""
     embs = [r for r in reps if isinstance(r, EmbeddingGrads)]
     lins = [r for r in reps if isinstance(r, FactoredGrads)]
     if not embs or len(embs) + len(lins) != len(reps) or len(lins) > 1:
@@ -149,14 +156,33 @@ def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None
     if any(r.weight is not table for r in [*embs, *lins]):
         return None
     n = reps[0].n
-    rows = torch.unique(torch.cat([e.idx.reshape(-1) for e in embs]))
-    E = embs[0].rows(rows)
-    for e in embs[1:]:
-        E = E + e.rows(rows)
-    E = E.reshape(n, -1)
-    K = E @ E.T
+    idx = torch.cat([e.idx.reshape(n, -1) for e in embs], dim=1)  # (n, T_e): every embedding's tokens
+    De = torch.cat([e.D.reshape(n, -1, e.D.shape[-1]) for e in embs], dim=1)  # (n, T_e, d)
+    d = De.shape[-1]
+    rows = torch.unique(idx)
+    ne, nl = idx.numel(), (lins[0].A.shape[0] * lins[0].A.shape[1] if lins else 0)
+    if route is None:
+        by_rows = 2 * n * n * rows.numel() * d
+        by_tokens = ne * ne * d + ne * nl * (d + 1)
+        route = "tokens" if by_tokens < by_rows and ne * (ne + nl) <= _TOKEN_ROUTE_LIMIT else "rows"
+    if route == "rows":
+        E = embs[0].rows(rows)
+        for e in embs[1:]:
+            E = E + e.rows(rows)
+        E = E.reshape(n, -1)
+        K = E @ E.T
+        C = lins[0].rows(rows).reshape(n, -1) @ E.T if lins else None
+    else:
+        Df, flat = De.reshape(ne, d), idx.reshape(-1)
+        same = (flat[:, None] == flat[None, :]).to(Df.dtype)
+        K = ((Df @ Df.T) * same).view(n, -1, n, idx.shape[1]).sum(dim=(1, 3))
+        C = None
+        if lins:
+            A, Dl = lins[0].A, lins[0].D  # (n, T_l, d), (n, T_l, V)
+            Af, Dlf = A.reshape(-1, d).to(Df.dtype), Dl.reshape(-1, Dl.shape[-1])
+            M = (Df @ Af.T) * Dlf[:, flat].T.to(Df.dtype)  # (n T_e, n T_l): (d_it . a_js) D_js[x_it]
+            C = M.view(n, idx.shape[1], n, A.shape[1]).sum(dim=(1, 3)).T  # C[j, i] = <G_lin_j, G_emb_i>
     if lins:
-        C = lins[0].rows(rows).reshape(n, -1) @ E.T
         own = sketched_gram(lins[0], *sketch) if sketch is not None and sketch_pays(lins[0], sketch[0]) \
             else lins[0].gram()
         K = K + C + C.T + own

@@ -104,3 +104,27 @@ def test_sketch_option_checked_and_kept_in_state():
     model2, opt2 = run(8, steps=0)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert opt2.step_counts == opt.step_counts  # the sketches' seeds continue where they were
+
+
+@pytest.mark.parametrize("with_projection", [True, False])
+def test_tied_table_token_route_equals_rows_route(with_projection):
+    # encoder and decoder embeddings sharing one table with the output projection (fairseq's
+    # --share-all-embeddings): the token route is exact, like the rows route
+    from fngd_plugin.gram import shared_table_gram
+    from fngd_plugin.samplers import EmbeddingGrads
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.zeros(50, 8, dtype=torch.float64)
+    n = 4
+    embs = [EmbeddingGrads(torch.randint(0, 50, (n, T), generator=g), torch.randn(n, T, 8, generator=g,
+                                                                                   dtype=torch.float64), table)
+            for T in (6, 5)]
+    reps = list(embs)
+    if with_projection:
+        reps.append(FactoredGrads(torch.randn(n, 5, 8, generator=g, dtype=torch.float64),
+                                  torch.randn(n, 5, 50, generator=g, dtype=torch.float64), table, None))
+    rows = shared_table_gram(reps, route="rows")
+    tokens = shared_table_gram(reps, route="tokens")
+    # brute force: per-sample gradients of the table, summed over the modules
+    G = sum(r.materialize()[0].reshape(n, -1) for r in reps)
+    assert torch.allclose(rows, G @ G.T, rtol=1e-10) and torch.allclose(tokens, G @ G.T, rtol=1e-10)
