@@ -147,7 +147,9 @@ def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None
     if the block has another shape. Two routes, the cheaper by flop count unless ``route`` says:
     "rows" materialises the per-sample gradients of the rows the embeddings touch (n^2 U d);
     "tokens" works token by token (K_ij = sum_ts [x_it = x_js] d_it.d_js for the embeddings, and
-    sum_ts D_js[x_it] (d_it . a_js) for their cross terms with the projection: (nT)^2 d)."""
+    sum_ts D_js[x_it] (d_it . a_js) for their cross terms with the projection: (nT)^2 d); with
+    ``sketch``, "sketch" sketches the table's whole per-sample gradient (embeddings and projection
+    with the same S_V, S_d: cross terms included, unbiased) where that is cheaper still."""
     embs = [r for r in reps if isinstance(r, EmbeddingGrads)]
     lins = [r for r in reps if isinstance(r, FactoredGrads)]
     if not embs or len(embs) + len(lins) != len(reps) or len(lins) > 1:
@@ -165,6 +167,29 @@ def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None
         by_rows = 2 * n * n * rows.numel() * d
         by_tokens = ne * ne * d + ne * nl * (d + 1)
         route = "tokens" if by_tokens < by_rows and ne * (ne + nl) <= _TOKEN_ROUTE_LIMIT else "rows"
+        if sketch is not None:
+            k = sketch[0]
+            by_sketch = ne * k * (d + k) + nl * k * (table.shape[0] + d + k) + n * n * k * k
+            if by_sketch < min(by_rows, by_tokens):
+                route = "sketch"
+    if route == "sketch":  # the whole table's per-sample gradient sketched at once: cross terms included
+        if sketch is None:
+            raise ValueError("route='sketch' needs sketch=(k, seed)")
+        k, seed = sketch
+        g = torch.Generator(device=De.device)
+        g.manual_seed(seed)
+        SV = torch.randn(table.shape[0], k, generator=g, device=De.device, dtype=De.dtype) / math.sqrt(k)
+        Sd = torch.randn(d, k, generator=g, device=De.device, dtype=De.dtype) / math.sqrt(k)
+        Gs = torch.bmm(SV[idx].transpose(1, 2), De @ Sd)  # sum_t S_V[x_it] (x) (d_it S_d)
+        K = None
+        if lins:
+            A, Dl = lins[0].A, lins[0].D
+            Gs = Gs + torch.bmm((Dl.to(De.dtype) @ SV).transpose(1, 2), A.to(De.dtype) @ Sd)
+            if lins[0].bias is not None:
+                Gb = Dl.sum(dim=1)
+                K = Gb @ Gb.T
+        Gs = Gs.reshape(n, -1)
+        return Gs @ Gs.T if K is None else Gs @ Gs.T + K.to(Gs.dtype)
     if route == "rows":
         E = embs[0].rows(rows)
         for e in embs[1:]:

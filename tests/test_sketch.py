@@ -128,3 +128,21 @@ def test_tied_table_token_route_equals_rows_route(with_projection):
     # brute force: per-sample gradients of the table, summed over the modules
     G = sum(r.materialize()[0].reshape(n, -1) for r in reps)
     assert torch.allclose(rows, G @ G.T, rtol=1e-10) and torch.allclose(tokens, G @ G.T, rtol=1e-10)
+
+
+def test_tied_table_sketch_is_unbiased_cross_terms_included():
+    from fngd_plugin.gram import shared_table_gram
+    from fngd_plugin.samplers import EmbeddingGrads
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.zeros(30, 8, dtype=torch.float64)
+    n = 4
+    reps = [EmbeddingGrads(torch.randint(0, 30, (n, 6), generator=g), torch.randn(n, 6, 8, generator=g,
+                                                                                  dtype=torch.float64), table),
+            FactoredGrads(torch.randn(n, 5, 8, generator=g, dtype=torch.float64),
+                          torch.randn(n, 5, 30, generator=g, dtype=torch.float64), table, None)]
+    exact = shared_table_gram(reps, route="rows")
+    draws = torch.stack([shared_table_gram(reps, sketch=(4, seed), route="sketch") for seed in range(4000)])
+    one = float((draws[0] - exact).norm() / exact.norm())
+    mean = float((draws.mean(0) - exact).norm() / exact.norm())
+    assert one > 0.1 and mean < 0.03, (one, mean)
