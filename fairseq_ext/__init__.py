@@ -41,7 +41,6 @@ fairseq's summed losses and ``multiply_grads(world_size / sample_size)`` need no
 FNGD measures the host's gradient scale on every solve.
 """
 
-import logging
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -60,8 +59,6 @@ from fngd_plugin.capture import live_modules
 from fngd_plugin.distributed import world_size
 from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES
 from fngd_plugin.smw import DAMPING_MODES, NORMALIZE_MODES
-
-logger = logging.getLogger("fngd_plugin")
 
 __all__ = ["FairseqFNGD", "FairseqKFAC", "find_fngd", "share_coefficients"]
 

@@ -348,10 +348,6 @@ class CaptureOptimizer(torch.optim.Optimizer):
     def _blocks(self, reps: dict[nn.Module, PerSampleGrads]) -> dict[int, list[PerSampleGrads]]:
         return shared_blocks(reps, self._index)
 
-    @staticmethod
-    def _block_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Tensor, Tensor]]) -> None:
-        add_weighted(reps, w, out)
-
     def _measure_scale(self, per_mb: list[dict[int, list[PerSampleGrads]]]) -> Tensor:
         """kappa: the host gradient equals kappa * (sum of what the hooks saw), measured on one small block."""
         common = set(per_mb[0])
@@ -364,7 +360,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
         seen: dict[int, tuple[Tensor, Tensor]] = {}
         for blocks in per_mb:
             reps = blocks[key]
-            self._block_weighted(reps, torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps)), seen)
+            add_weighted(reps, torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps)), seen)
         seen_t = [g for _, g in seen.values()]
         all_reduce_mean(seen_t)
         num = sum((p.grad.to(g.dtype) * g).sum() for (p, _), g in zip(seen.values(), seen_t))
@@ -384,7 +380,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
         for blocks in per_mb:
             for reps in blocks.values():
                 w = torch.ones(reps[0].n, dtype=torch.float64, device=self._device(reps))
-                self._block_weighted(reps, w, seen)
+                add_weighted(reps, w, seen)
         all_reduce_mean([g for _, g in seen.values()])
         bad = []
         # a gradient that is zero up to rounding (a conv bias before a train-mode BatchNorm) is

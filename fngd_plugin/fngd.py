@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .base import CaptureOptimizer
 from .capture import MicroBatch
 from .distributed import all_reduce_mean
-from .gram import block_gram
+from .gram import add_weighted, block_gram
 from .options import check_choice, check_flag, check_number, check_sgd_args
 from .samplers import PerSampleGrads, override_base, post_reason, unsupported_reason
 from .schedule import EpochSchedule
@@ -396,7 +396,7 @@ class FNGD(CaptureOptimizer):
         for (mb, blocks), n in zip(live, ns):
             if mb.dummy:  # zero contribution, same blocks: the all-reduce below stays matched
                 for reps in blocks.values():
-                    self._block_weighted(reps, torch.zeros(n, dtype=torch.float64, device=kappa.device), out)
+                    add_weighted(reps, torch.zeros(n, dtype=torch.float64, device=kappa.device), out)
                 continue
             looked = self._look_up(mb, blocks, n, kappa.device)
             if looked is None:
@@ -424,12 +424,12 @@ class FNGD(CaptureOptimizer):
                 K = Kb if K is None else K + Kb
             c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
             for reps in blocks.values():
-                self._block_weighted(reps, w * c, out)
+                add_weighted(reps, w * c, out)
             return [(n / N) * c.sum()]
         totals = []
         for key, reps in blocks.items():  # one block at a time: its per-sample gradients are dropped before the next
             c = self._solve(self._block_gram(reps, keep=True, key=key), unit, mb, key, share=1.0 / len(blocks))
-            self._block_weighted(reps, w * c, out)
+            add_weighted(reps, w * c, out)
             totals.append((n / N) * c.sum() / len(blocks))
         return totals
 
@@ -438,7 +438,7 @@ class FNGD(CaptureOptimizer):
         """One micro-batch's layer reuse step: each block's per-sample gradients weighted by its
         stored coefficients (arguments as in :meth:`_collect_step`)."""
         for key, reps in blocks.items():
-            self._block_weighted(reps, n * kappa * looked[key], out)
+            add_weighted(reps, n * kappa * looked[key], out)
         share = 1.0 if self.coefficients == "network" else 1.0 / len(blocks)
         return [(n / N) * share * c.sum() for c in {id(c): c for c in looked.values()}.values()]
 
