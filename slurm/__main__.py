@@ -5,6 +5,11 @@ on this machine (``local``, the default: a bounded pool, progress printed) or on
 submitit (one job array per resource request). Calling it again launches only runs that failed,
 were killed or never ran -- they resume from their own checkpoints; done runs are skipped and
 nothing is overwritten. Data a task needs is prepared first (the task's ``prepare`` command).
+
+A tuning sweep (a ``[tune]`` table, see fngd_slurm.tune) runs in two stages: the trials, then
+the chosen configuration of every optimizer at the other seeds; the result is written to
+``<out>/<name>/tuning.json`` and ``tuning.md`` after each. On SLURM without ``--wait`` each call
+does what it can (submit the trials; once they are done, choose and submit the seeds).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 import time
 from collections import Counter
 
-from . import executors
+from . import executors, tune
 from .sweep import EXECUTORS, Sweep, SweepError, load, presets
 
 
@@ -25,15 +30,16 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def print_status(sweep: Sweep) -> Counter:
+def print_status(sweep: Sweep, runs: list | None = None) -> Counter:
+    runs = sweep.runs if runs is None else runs
     rows = [["run", "state", "progress"]]
     counts: Counter = Counter()
-    for run in sweep.runs:
+    for run in runs:
         state, detail = executors.status_of(run)
         counts[state] += 1
         rows.append([run.id, state, detail])
     print(_table(rows))
-    print(f"{len(sweep.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return counts
 
 
@@ -55,12 +61,106 @@ def check_data(sweep: Sweep, dry_run: bool) -> None:
                              f"{task.data}")
 
 
-def plan(sweep: Sweep) -> tuple[list, list]:
+def plan(sweep: Sweep, runs: list | None = None) -> tuple[list, list]:
     todo, skip = [], []
-    for run in sweep.runs:
+    for run in sweep.runs if runs is None else runs:
         state, detail = executors.status_of(run)
         (skip if state in ("done", "running", "queued") else todo).append((run, state, detail))
     return todo, skip
+
+
+def launch(sweep: Sweep, runs: list, wait: bool) -> tuple[int, bool]:
+    """Launch ``runs`` on the sweep's executor: (exit code, whether they have all ended here)."""
+    if not runs:
+        print("nothing to launch: every run is done or in flight")
+        return 0, True
+    if sweep.executor == "local":
+        codes = executors.run_local(runs, sweep.max_parallel, log=lambda m: print(m, flush=True))
+        failed = [rid for rid, rc in codes.items() if rc != 0]
+        print(f"{len(codes) - len(failed)} runs finished, {len(failed)} failed"
+              + (f": {', '.join(failed)} (run the same command again to resume them)" if failed else ""))
+        return (1 if failed else 0), True
+    executors.check_slurm_resources(runs, sweep.path)
+    executors.submit_slurm(runs, sweep.root, sweep.name, sweep.max_parallel, log=lambda m: print(m, flush=True))
+    if not wait:
+        return 0, False
+    while True:
+        time.sleep(5)
+        _, inflight = plan(sweep, runs)
+        active = [r for r, s, _ in inflight if s != "done"]
+        if not active:
+            break
+        print(f"{time.strftime('%T')} {len(active)} runs queued or running", flush=True)
+    done = sum(executors.status_of(r)[0] == "done" for r in runs)
+    return (0 if done == len(runs) else 1), True
+
+
+def print_plan(sweep: Sweep, todo: list, skip: list) -> None:
+    for run, state, _ in todo:
+        r = run.resources
+        res = (f"{r.gpus} GPU, {r.cpus} CPU, {r.mem_gb:g} GB, {r.time_min} min"
+               + (f", partition {r.partition}" if r.partition else "")
+               + "".join(f", {k}={v}" for k, v in r.extra.items())) if sweep.executor == "slurm" else "local"
+        print(f"  {run.id} [{state}; {res}]\n    {shlex.join(run.command)}")
+    for run, state, _ in skip:
+        print(f"  {run.id} [{state}: skipped]")
+
+
+def tune_main(sweep: Sweep, args: argparse.Namespace) -> int:
+    """The two stages of a tuning sweep (see the module docstring)."""
+    result_path = sweep.root / "tuning.json"
+
+    def current() -> dict:
+        return tune.state(sweep, executors.status_of, executors.record_of)
+
+    def seed_runs(result: dict) -> list:
+        return [r for t in result["tasks"].values() for o in t["optimizers"].values() for r in o["seed_runs"]]
+
+    n_opt = len(sweep.trials)
+    if args.status:
+        print("trials:")
+        print_status(sweep)
+        extra = [r for r in seed_runs(current()) if r.seed != sweep.seeds[0]]
+        if extra:
+            print("\nchosen configurations, other seeds:")
+            print_status(sweep, extra)
+        return 0
+    todo, skip = plan(sweep)
+    print(f"tuning sweep {sweep.name}: {sweep.tune.trials} trials for each of {n_opt} optimizers "
+          f"({len(sweep.runs)} trial runs at seed {sweep.seeds[0]}), then the chosen configurations at seeds "
+          f"{', '.join(map(str, sweep.seeds[1:])) or '(none)'} ({n_opt * (len(sweep.seeds) - 1)} runs) -> "
+          f"{sweep.root}; trials: {len(skip)} done or in flight, {len(todo)} to launch on {sweep.executor}", flush=True)
+    if args.dry_run:
+        print_plan(sweep, todo, skip)
+        return 0
+    code, ended = launch(sweep, [r for r, _, _ in todo], args.wait)
+    result = current()
+    if not ended:
+        tune.write_result(result_path, tune.public(result))
+        print(f"trials submitted; run the same command again when they are done (python -m fngd_slurm "
+              f"{args.sweep} --status) to choose and launch the seeds")
+        return code
+    undecided = [f"{t}/{o}" for t, task in result["tasks"].items() for o, d in task["optimizers"].items()
+                 if d["chosen"] is None]
+    failed = sum(tr["status"] == "failed" for t in result["tasks"].values() for o in t["optimizers"].values()
+                 for tr in o["trials"])
+    if failed:
+        print(f"warning: {failed} trials failed; they count as lost (run the same command again to retry them)")
+    if undecided:
+        tune.write_result(result_path, tune.public(result))
+        print(f"no configuration chosen for {', '.join(undecided)}: trials still running, or none has a finite "
+              f"validation value; see {result_path.with_suffix('.md')}")
+        return 1
+    for t, task in result["tasks"].items():
+        for o, d in task["optimizers"].items():
+            print(f"chosen for {t}/{o}: {d['chosen']['hparams']} (best validation {d['chosen']['value']:.4g})")
+    todo2, _ = plan(sweep, seed_runs(result))
+    print(f"seeds: {len(todo2)} runs to launch", flush=True)
+    code2, ended2 = launch(sweep, [r for r, _, _ in todo2], args.wait)
+    tune.write_result(result_path, tune.public(current()))
+    print(f"tuning result: {result_path} and {result_path.with_suffix('.md')}"
+          + ("" if ended2 else " (seeds still running: run the same command again when they are done)"))
+    return max(code, code2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # --status only reads the run directories: no host (and no torch) is imported for it
         sweep = load(args.sweep, executor=args.executor, check=not args.status)
+        if sweep.tune is not None:
+            if not args.status:
+                check_data(sweep, args.dry_run)
+            return tune_main(sweep, args)
         if args.status:
             print_status(sweep)
             return 0
@@ -84,39 +188,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(sweep.seeds)} seeds) -> {sweep.root}; {len(skip)} done or in flight, {len(todo)} to launch "
               f"on {sweep.executor}", flush=True)
         if args.dry_run:
-            for run, state, _ in todo:
-                r = run.resources
-                res = (f"{r.gpus} GPU, {r.cpus} CPU, {r.mem_gb:g} GB, {r.time_min} min"
-                       + (f", partition {r.partition}" if r.partition else "")
-                       + "".join(f", {k}={v}" for k, v in r.extra.items())) if sweep.executor == "slurm" else "local"
-                print(f"  {run.id} [{state}; {res}]\n    {shlex.join(run.command)}")
-            for run, state, _ in skip:
-                print(f"  {run.id} [{state}: skipped]")
+            print_plan(sweep, todo, skip)
             return 0
-        runs = [run for run, _, _ in todo]
-        if not runs:
-            print("nothing to launch: every run is done or in flight")
-            return 0
-        if sweep.executor == "local":
-            codes = executors.run_local(runs, sweep.max_parallel, log=lambda m: print(m, flush=True))
-            failed = [rid for rid, rc in codes.items() if rc != 0]
-            print(f"{len(codes) - len(failed)} runs finished, {len(failed)} failed"
-                  + (f": {', '.join(failed)} (run the same command again to resume them)" if failed else ""))
-            return 1 if failed else 0
-        executors.check_slurm_resources(runs, sweep.path)
-        executors.submit_slurm(runs, sweep.root, sweep.name, sweep.max_parallel, log=lambda m: print(m, flush=True))
-        if not args.wait:
+        code, ended = launch(sweep, [run for run, _, _ in todo], args.wait)
+        if not ended:
             print(f"follow with: python -m fngd_slurm {args.sweep} --status")
-            return 0
-        while True:
-            time.sleep(5)
-            _, inflight = plan(sweep)
-            active = [r for r, s, _ in inflight if s != "done"]
-            if not active:
-                break
-            print(f"{time.strftime('%T')} {len(active)} runs queued or running", flush=True)
-        counts = print_status(sweep)
-        return 0 if counts.get("done", 0) == len(sweep.runs) else 1
+        elif args.wait and sweep.executor == "slurm":
+            print_status(sweep)
+        return code
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

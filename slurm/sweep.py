@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import tune as _tune
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -73,10 +75,12 @@ else:  # pragma: no cover
 RUNNERS = {"timm": "timm_ext.train", "fairseq": "fairseq_ext.translate"}
 TASK_KINDS = tuple(RUNNERS)
 EXECUTORS = ("local", "slurm")
-TOP_KEYS = {"name", "out", "seeds", "executor", "resources", "tasks"}
+TOP_KEYS = {"name", "out", "seeds", "executor", "resources", "tasks", "tune"}
 EXECUTOR_KEYS = {"kind", "max_parallel", "threads"}
 RESOURCE_KEYS = {"partition", "gpus", "cpus", "mem_gb", "time_min", "extra"}
-TASK_KEYS = {"kind", "data", "prepare", "epochs", "max_time_min", "args", "optimizers", "resources"}
+TASK_KEYS = {"kind", "data", "prepare", "epochs", "max_time_min", "args", "optimizers", "resources", "tuned"}
+# what a task with ``tuned`` takes from the tuning result (and may therefore not set itself)
+TUNED_KEYS = ("kind", "data", "prepare", "epochs", "max_time_min", "args")
 
 
 class SweepError(ValueError):
@@ -129,6 +133,8 @@ class Task:
     args: dict[str, Any]
     optimizers: dict[str, dict[str, Any]]
     resources: Resources
+    spec: dict[str, Any] = field(default_factory=dict)  # the task's settings as written (TUNED_KEYS)
+    tuned_from: str | None = None  # the tuning result its optimizers come from
 
 
 @dataclass
@@ -142,6 +148,9 @@ class Sweep:
     threads: int | None
     tasks: dict[str, Task]
     runs: list[Run] = field(default_factory=list)
+    tune: _tune.TuneSpec | None = None
+    # tuning sweeps: (task, optimizer) -> its trial runs, in trial order (``runs`` holds them all)
+    trials: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -194,12 +203,20 @@ def load(path: str | Path, executor: str | None = None, check: bool = True) -> S
     if threads is not None:
         threads = err.positive_int("executor.threads", threads)
     base_res = _resources(err, "resources", err.typed("resources", raw.get("resources", {}), dict), Resources())
+    tune = None
+    if "tune" in raw:
+        t = err.typed("tune", raw["tune"], dict)
+        err.keys("tune", t, _tune.TUNE_KEYS)
+        search_seed = t.get("search_seed", 0)
+        if not isinstance(search_seed, int) or isinstance(search_seed, bool) or search_seed < 0:
+            err.fail("tune.search_seed", f"{search_seed!r}: expected an integer >= 0")
+        tune = _tune.TuneSpec(trials=err.positive_int("tune.trials", t.get("trials")), search_seed=search_seed)
     tasks_raw = err.typed("tasks", raw.get("tasks"), dict)
     if not tasks_raw:
         err.fail("tasks", "no tasks: add a [tasks.NAME] table")
-    tasks = {t: _task(err, t, spec, base_res, check) for t, spec in tasks_raw.items()}
+    tasks = {t: _task(err, t, spec, base_res, check, tune is not None) for t, spec in tasks_raw.items()}
     sweep = Sweep(path=path, name=name, out=out, seeds=seeds, executor=kind, max_parallel=max_parallel,
-                  threads=threads, tasks=tasks)
+                  threads=threads, tasks=tasks, tune=tune)
     sweep.runs = expand(sweep)
     return sweep
 
@@ -251,12 +268,46 @@ def _resources(err: _Errors, where: str, table: dict, base: Resources) -> Resour
     return res
 
 
-def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool) -> Task:
+def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The task ``name`` of the tuning result ``spec["tuned"]``, merged into ``spec``: the tuned
+    task's settings, and its chosen configurations as the optimizers (besides the task's own)."""
+    where = f"tasks.{name}.tuned"
+    source = err.typed(where, spec["tuned"], str)
+    try:
+        result = _tune.load_result(source)
+    except ValueError as e:
+        err.fail(where, str(e))
+    task = result["tasks"].get(name)
+    if task is None:
+        err.fail(where, f"{source} has no task {name!r} (it has: {', '.join(result['tasks'])})")
+    for k in TUNED_KEYS:
+        if k in spec:
+            err.fail(f"tasks.{name}.{k}", f"comes from the tuning result {source}; remove it here")
+    chosen = {o: v["chosen"]["hparams"] for o, v in task["optimizers"].items() if v.get("chosen")}
+    missing = [o for o, v in task["optimizers"].items() if not v.get("chosen")]
+    if missing:
+        err.fail(where, f"{source}: no configuration was chosen for {', '.join(missing)} (its trials are not done)")
+    own = spec.get("optimizers", {})
+    for o in own:
+        if o in chosen:
+            err.fail(f"tasks.{name}.optimizers.{o}", f"comes from the tuning result {source}; name a variant "
+                                                     f"({o}:NAME) for another configuration")
+    return {**{k: v for k, v in task["settings"].items() if v is not None}, **spec,
+            "optimizers": {**chosen, **own}}
+
+
+def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool, tuning: bool = False) -> Task:
     where = f"tasks.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
         err.fail(where, "task names may only hold letters, digits, '_', '.'")
     spec = err.typed(where, spec, dict)
     err.keys(where, spec, TASK_KEYS)
+    tuned_from = None
+    if "tuned" in spec:
+        if tuning:
+            err.fail(f"{where}.tuned", "a tuning sweep ([tune]) searches its own configurations")
+        tuned_from = spec["tuned"]
+        spec = _tuned(err, name, spec)
     kind = spec.get("kind")
     if kind not in TASK_KINDS:
         err.fail(f"{where}.kind", f"{kind!r}: allowed {', '.join(TASK_KINDS)}")
@@ -285,9 +336,14 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool) 
             if fields is not None and k not in fields:
                 err.fail(f"{where}.optimizers.{opt}.{k}",
                          f"not an option of {kind}'s {base}; allowed: {', '.join(sorted(fields))}")
+            if tuning:
+                _tune.parse_axis(f"{where}.optimizers.{opt}.{k}", v, err.fail)
+                continue
             for value in v if isinstance(v, list) else [v]:
                 if isinstance(value, (dict, list)):
-                    err.fail(f"{where}.optimizers.{opt}.{k}", f"{value!r}: expected a value or a list of values")
+                    err.fail(f"{where}.optimizers.{opt}.{k}", f"{value!r}: expected a value or a list of values"
+                             + (" (ranges such as {log = [lo, hi]} need a [tune] table)" if isinstance(value, dict)
+                                else ""))
             if isinstance(v, list) and not v:
                 err.fail(f"{where}.optimizers.{opt}.{k}", "an empty list gives no runs")
     if "data" in args:
@@ -295,7 +351,8 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool) 
     res = _resources(err, f"{where}.resources", err.typed(f"{where}.resources", spec.get("resources", {}), dict),
                      base_res)
     return Task(name=name, kind=kind, data=Path(data).absolute(),
-                prepare=prepare, epochs=epochs, max_time_min=max_time, args=args, optimizers=opts, resources=res)
+                prepare=prepare, epochs=epochs, max_time_min=max_time, args=args, optimizers=opts, resources=res,
+                spec={k: spec.get(k) for k in TUNED_KEYS}, tuned_from=tuned_from)
 
 
 # ----------------------------------------------------------------------------------------- expansion
@@ -322,9 +379,18 @@ def _label(hp: dict[str, Any]) -> str:
 
 
 def expand(sweep: Sweep) -> list[Run]:
+    """The sweep's runs: every grid point at every seed; in a tuning sweep, the trials (at the
+    first seed; ``sweep.trials`` groups them) -- the chosen configurations' other seeds are
+    ``tune_seed_runs``, known once the trials are done."""
     runs = []
     for task in sweep.tasks.values():
         for opt, grid in task.optimizers.items():
+            if sweep.tune is not None:
+                points = _tune.trial_points(grid, sweep.tune.trials, sweep.tune.search_seed)
+                trials = [_run(sweep, task, opt, hp, sweep.seeds[0]) for hp in points]
+                sweep.trials[(task.name, opt)] = trials
+                runs += trials
+                continue
             axes = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
             for values in itertools.product(*axes.values()):
                 hp = dict(zip(axes, values))
@@ -335,6 +401,11 @@ def expand(sweep: Sweep) -> list[Run]:
     if dup:
         raise SweepError(f"{sweep.path}: two runs share an id ({sorted(dup)[0]}); make the grids distinct")
     return runs
+
+
+def seed_run(sweep: Sweep, task: str, optimizer: str, hparams: dict[str, Any], seed: int) -> Run:
+    """The run of one configuration at one seed (a tuning sweep's chosen configuration)."""
+    return _run(sweep, sweep.tasks[task], optimizer, hparams, seed)
 
 
 def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int) -> Run:

@@ -1,0 +1,230 @@
+"""Tuning sweeps (fngd_slurm.tune): the trial points, the checks of a [tune] file, the choice on
+validation from run records, the result a report sweep loads (``tuned = ...``), and one real
+tuning sweep of timm_ext.train on digits, trials and seeds, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from fngd_slurm import executors, tune
+from fngd_slurm import sweep as sw
+from test_sweep import cli, write  # noqa: E402
+
+from fngd_records import RunRecord
+
+
+# ----------------------------------------------------------------------------------------- points
+def test_trial_points_are_halton_points_of_the_declared_space():
+    space = {"lr": {"log": [0.01, 1.0]}, "normalize": ["sum", "none"], "momentum": 0.9}
+    pts = tune.trial_points(space, 4)
+    # lr: base-2 radical inverses 1/2, 1/4, 3/4, 1/8 of the log range; normalize: base 3 (1/3, 2/3, 1/9, 4/9)
+    assert [p["lr"] for p in pts] == [0.1, 0.0316, 0.316, 0.0178]
+    assert [p["normalize"] for p in pts] == ["sum", "none", "sum", "sum"]
+    assert all(p["momentum"] == 0.9 for p in pts)
+    assert tune.trial_points(space, 4) == pts  # deterministic
+    shifted = tune.trial_points(space, 4, search_seed=1)
+    assert shifted != pts and all(0.01 <= p["lr"] <= 1.0 for p in shifted)
+    lin = tune.trial_points({"wd": {"uniform": [0.0, 0.1]}}, 3)
+    assert [p["wd"] for p in lin] == [0.05, 0.025, 0.075]
+    # only choices: never more trials than distinct points, no repeats
+    few = tune.trial_points({"momentum": [0.0, 0.9]}, 5)
+    assert sorted(p["momentum"] for p in few) == [0.0, 0.9]
+
+
+TUNE_FILE = """
+    out = "{out}"
+    seeds = [0, 1, 2]
+    [tune]
+    trials = 3
+    [tasks.img]
+    kind = "timm"
+    data = "d"
+    epochs = 2
+    args = {{ model = "test_resnet" }}
+    [tasks.img.optimizers.fngd]
+    lr = {{ log = [0.01, 1.0] }}
+    damping = [0.1, 1.0]
+    [tasks.img.optimizers.sgd]
+    lr = {{ log = [0.01, 1.0] }}
+    momentum = [0.0, 0.9]
+    """
+
+
+def test_a_tuning_sweep_runs_the_same_number_of_trials_per_optimizer_at_the_first_seed(tmp_path):
+    s = sw.load(write(tmp_path, TUNE_FILE.format(out=tmp_path)))
+    assert s.tune == tune.TuneSpec(trials=3) and len(s.runs) == 6
+    assert {k: len(v) for k, v in s.trials.items()} == {("img", "fngd"): 3, ("img", "sgd"): 3}
+    assert all(r.seed == 0 for r in s.runs)
+    assert [r.hparams for r in s.trials[("img", "fngd")]] == [
+        {"lr": 0.1, "damping": 0.1}, {"lr": 0.0316, "damping": 1.0}, {"lr": 0.316, "damping": 0.1}]
+
+
+BAD = [
+    ("[tune]\ntrials = 0\n", "tune.trials: 0: expected an integer >= 1"),
+    ("[tune]\ntrials = 2\nbudget = 3\n", "tune.budget: unknown key; allowed: search_seed, trials"),
+    ("[tune]\ntrials = 2\nsearch_seed = -1\n", "tune.search_seed: -1: expected an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("head,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_tune_tables_are_named(tmp_path, head, message):
+    path = write(tmp_path, head + "[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n[tasks.a.optimizers.sgd]\nlr=0.1\n")
+    with pytest.raises(sw.SweepError, match=message):
+        sw.load(path)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("{ log = [0.0, 1.0] }", r"log = \[0.0, 1.0\]: expected \[lo, hi\] with lo < hi and lo > 0"),
+    ("{ log = [1.0, 0.1] }", r"log = \[1.0, 0.1\]: expected \[lo, hi\] with lo < hi"),
+    ("{ grid = [1, 2] }", r".*: a range is \{log = \[lo, hi\]\} or \{uniform = \[lo, hi\]\}"),
+])
+def test_bad_ranges_are_named(tmp_path, value, message):
+    path = write(tmp_path, "[tune]\ntrials = 2\n[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n"
+                           f"[tasks.a.optimizers.sgd]\nlr = {value}\n")
+    with pytest.raises(sw.SweepError, match="tasks.a.optimizers.sgd.lr: " + message):
+        sw.load(path)
+
+
+def test_a_range_outside_a_tuning_sweep_is_an_error(tmp_path):
+    path = write(tmp_path, "[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\n"
+                           "[tasks.a.optimizers.sgd]\nlr = {log = [0.1, 1]}\n")
+    with pytest.raises(sw.SweepError, match=r"tasks.a.optimizers.sgd.lr: .*need a \[tune\] table"):
+        sw.load(path)
+
+
+# ----------------------------------------------------------------------------------------- choice
+def fake_record(run: sw.Run, values: list[float | None], status: str = "done", mode: str = "max") -> None:
+    """A run record as a runner writes it, with the given validation values per epoch."""
+    rec = RunRecord(run.dir / "record.json").start(run=run.id, task=run.task, kind=run.kind, optimizer=run.optimizer,
+                                                   hparams=run.hparams, seed=run.seed, config=run.config,
+                                                   metric="top1", mode=mode)
+    for i, v in enumerate(values):
+        rec.epoch(epoch=i + 1, step=10 * (i + 1), time=i + 1.0, wall=i + 1.5, epoch_time=1.0, train_loss=1.0,
+                  val_metric=v)
+    if status == "done":
+        rec.finish(val_metric=values[-1], test_top1=values[-1])
+    else:
+        rec.fail("boom")
+
+
+def test_the_choice_is_the_best_validation_value_over_epochs_and_failed_trials_lose(tmp_path):
+    s = sw.load(write(tmp_path, TUNE_FILE.format(out=tmp_path)))
+    f, g = s.trials[("img", "fngd")], s.trials[("img", "sgd")]
+    fake_record(f[0], [50.0, 70.0])
+    fake_record(f[1], [60.0, 90.0, 80.0])  # best over epochs: 90 (its best checkpoint), though it ends at 80
+    fake_record(f[2], [99.0], status="failed")  # a failed trial loses, whatever it reached
+    fake_record(g[0], [math.nan, math.nan])  # diverged: no finite value
+    fake_record(g[1], [40.0])
+    state = tune.state(s, executors.status_of, executors.record_of)
+    fo = state["tasks"]["img"]["optimizers"]["fngd"]
+    assert fo["chosen"]["run"] == f[1].id and fo["chosen"]["value"] == 90.0
+    assert [t["value"] for t in fo["trials"]] == [70.0, 90.0, None]
+    # the chosen trial is the configuration's first seed; the others are new runs of the same point
+    assert [r.id for r in fo["seed_runs"]][0] == f[1].id and [r.seed for r in fo["seed_runs"]] == [0, 1, 2]
+    assert all(r.hparams == f[1].hparams for r in fo["seed_runs"])
+    assert [x["status"] for x in fo["seeds"]] == ["done", "not started", "not started"]
+    # sgd's third trial never ran: no choice yet
+    assert state["tasks"]["img"]["optimizers"]["sgd"]["chosen"] is None
+    fake_record(g[2], [30.0])
+    state = tune.state(s, executors.status_of, executors.record_of)
+    assert state["tasks"]["img"]["optimizers"]["sgd"]["chosen"]["run"] == g[1].id
+    out = tmp_path / "tuning.json"
+    tune.write_result(out, tune.public(state))
+    data = tune.load_result(out)
+    assert data["protocol"] == {"trials": 3, "search_seed": 0, "seeds": [0, 1, 2], "selection": tune.SELECTION}
+    assert data["sweep"]["text"] == s.path.read_text() and len(data["sweep"]["sha256"]) == 64
+    md = out.with_suffix(".md").read_text()
+    assert f"| 2 **chosen** | 0.0316 | 1 | 90 | done | `{f[1].id}` |" in md
+
+
+def test_min_mode_metrics_choose_the_lowest(tmp_path):
+    trials = [{"value": 3.0}, {"value": 2.0}, {"value": None}, {"value": 2.0}]
+    assert tune.choose(trials, "min") is trials[1] and tune.choose(trials, "max") is trials[0]
+    assert tune.choose([{"value": None}], "max") is None
+
+
+# ----------------------------------------------------------------------------------------- tuned = ...
+def tuned_result(tmp_path: Path) -> Path:
+    s = sw.load(write(tmp_path, TUNE_FILE.format(out=tmp_path)))
+    for i, run in enumerate(s.runs):
+        fake_record(run, [10.0 * i])
+    out = tmp_path / "tuning.json"
+    tune.write_result(out, tune.public(tune.state(s, executors.status_of, executors.record_of)))
+    return out
+
+
+def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tmp_path):
+    result = tuned_result(tmp_path)
+    path = write(tmp_path, f"""
+        seeds = [0, 1]
+        [tasks.img]
+        tuned = "{result}"
+        [tasks.img.optimizers."sgd:nomomentum"]
+        lr = 0.1
+        momentum = 0.0
+        """, name="report.toml")
+    s = sw.load(path)
+    task = s.tasks["img"]
+    assert (task.kind, task.epochs, task.args, task.data) == ("timm", 2, {"model": "test_resnet"}, Path("d").absolute())
+    chosen = json.loads(result.read_text())["tasks"]["img"]["optimizers"]
+    assert task.optimizers == {"fngd": chosen["fngd"]["chosen"]["hparams"], "sgd": chosen["sgd"]["chosen"]["hparams"],
+                               "sgd:nomomentum": {"lr": 0.1, "momentum": 0.0}}
+    assert task.optimizers["fngd"] == {"lr": 0.316, "damping": 0.1}  # the third trial scored highest
+    assert len(s.runs) == 3 * 2
+
+
+@pytest.mark.parametrize("body,message", [
+    ('[tasks.img]\ntuned = "{r}"\nepochs = 3\n', "tasks.img.epochs: comes from the tuning result"),
+    ('[tasks.other]\ntuned = "{r}"\n', "has no task 'other' \\(it has: img\\)"),
+    ('[tasks.img]\ntuned = "{r}"\n[tasks.img.optimizers.fngd]\nlr = 1\n',
+     "tasks.img.optimizers.fngd: comes from the tuning result .* name a variant"),
+    ('[tasks.img]\ntuned = "{r}.missing"\n', "tasks.img.tuned: .*not a readable tuning result"),
+])
+def test_tuned_tasks_refuse_settings_that_would_drift(tmp_path, body, message):
+    result = tuned_result(tmp_path)
+    path = write(tmp_path, body.format(r=result), name="report.toml")
+    with pytest.raises(sw.SweepError, match=message):
+        sw.load(path)
+
+
+# ----------------------------------------------------------------------------------------- real runs
+def test_tune_cli_runs_trials_chooses_on_validation_then_runs_the_seeds(tmp_path, digits):
+    path = write(tmp_path, f"""
+        name = "t"
+        out = "{tmp_path / 'results'}"
+        seeds = [0, 1]
+        [executor]
+        max_parallel = 2
+        threads = 1
+        [tune]
+        trials = 2
+        [tasks.digits]
+        kind = "timm"
+        data = "{digits}"
+        epochs = 1
+        args = {{ model = "test_resnet", img_size = 16, batch_size = 128 }}
+        [tasks.digits.optimizers.sgd]
+        lr = {{ log = [0.001, 1.0] }}
+        """, name="t.toml")
+    dry = cli(str(path), "--dry-run", cwd=tmp_path).stdout
+    assert "2 trials for each of 1 optimizers" in dry and dry.count("-m timm_ext.train") == 2
+    out = cli(str(path), cwd=tmp_path).stdout
+    assert "2 runs finished, 0 failed" in out and "seeds: 1 runs to launch" in out
+    result = tune.load_result(tmp_path / "results" / "t" / "tuning.json")
+    sgd = result["tasks"]["digits"]["optimizers"]["sgd"]
+    recs = {r["run"]: r for r in (json.loads(p.read_text())
+                                  for p in (tmp_path / "results" / "t").glob("runs/*/record.json"))}
+    assert len(recs) == 3
+    # the choice is the trial whose record has the higher validation top1 (lr 0.0316 vs 0.00178)
+    values = {t["run"]: max(e["val_metric"] for e in recs[t["run"]]["epochs"]) for t in sgd["trials"]}
+    assert sgd["chosen"]["run"] == max(values, key=values.get)
+    assert [s["status"] for s in sgd["seeds"]] == ["done", "done"]
+    seed1 = recs[sgd["seeds"][1]["run"]]
+    assert seed1["seed"] == 1 and seed1["config"]["hparams"] == sgd["chosen"]["hparams"]
+    again = cli(str(path), cwd=tmp_path).stdout
+    assert again.count("nothing to launch") == 2
+    status = cli(str(path), "--status", cwd=tmp_path).stdout
+    assert "2 runs: 2 done" in status and "chosen configurations, other seeds:" in status
