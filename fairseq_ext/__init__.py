@@ -57,7 +57,7 @@ from omegaconf import II
 from fngd_plugin import FNGD, KFAC, OptionError
 from fngd_plugin.capture import live_modules
 from fngd_plugin.distributed import world_size
-from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES
+from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES, UPDATE_MODES
 from fngd_plugin.smw import DAMPING_MODES, NORMALIZE_MODES
 
 __all__ = ["FairseqFNGD", "FairseqKFAC", "find_fngd", "share_coefficients"]
@@ -87,6 +87,11 @@ class FairseqFNGDConfig(FairseqDataclass):
     sketch: Optional[int] = field(default=None, metadata={
         "help": "k: Linear layers whose exact Gram costs more than a k x k random sketch per sample (the "
                 "vocabulary projection at thousands of tokens) get the sketch's unbiased Gram; unset: all exact"})
+    fngd_update: ChoiceEnum(list(UPDATE_MODES)) = field(  # type: ignore[valid-type]
+        default="sgd", metadata={"help": "applied to the FNGD direction: sgd (momentum SGD, the paper's) or adamw "
+                                         "(AdamW with beta1 = --momentum; decoupled --weight-decay)"})
+    fngd_beta2: float = field(default=0.999, metadata={"help": "AdamW's second-moment decay (--fngd-update adamw)"})
+    fngd_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon (--fngd-update adamw)"})
     lr: List[float] = II("optimization.lr")
 
 
@@ -190,6 +195,7 @@ class FairseqFNGD(_Wrapped):
     """Fast Natural Gradient Descent (fngd_plugin.FNGD) inside fairseq."""
 
     core = FNGD
+    options = {"update": "fngd-update", "beta2": "fngd-beta2", "eps": "fngd-eps"}
 
     @classmethod
     def core_kwargs(cls, c: Any) -> dict:
@@ -197,7 +203,9 @@ class FairseqFNGD(_Wrapped):
                     damping=c.damping, damping_mode=str(c.damping_mode), coefficients=str(c.coefficients),
                     reuse=str(c.reuse), collect_epochs=c.collect_epochs, normalize=str(c.normalize),
                     max_update_norm=c.max_update_norm, refresh_every=c.refresh_every,
-                    generic_fallback=not c.no_generic_fallback, sketch=getattr(c, "sketch", None))
+                    generic_fallback=not c.no_generic_fallback, sketch=getattr(c, "sketch", None),
+                    update=str(getattr(c, "fngd_update", "sgd")), beta2=getattr(c, "fngd_beta2", 0.999),
+                    eps=getattr(c, "fngd_eps", 1e-8))
 
 
 @register_optimizer("kfac", dataclass=FairseqKFACConfig)

@@ -23,7 +23,7 @@ from .distributed import all_reduce_mean
 from .generic import batch_dim_of, generic_grads, generic_reason, own_params
 from .gram import add_weighted, shared_blocks
 from .samplers import PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
-from .update import global_norm, momentum_step
+from .update import adamw_step, global_norm, momentum_step
 
 logger = logging.getLogger("fngd_plugin")
 
@@ -401,7 +401,8 @@ class CaptureOptimizer(torch.optim.Optimizer):
 
 
     def _update(self, max_update_norm: float | None = None) -> None:
-        """Momentum SGD on whatever directions are now in p.grad.
+        """Momentum SGD (or, with a group's ``update="adamw"``, AdamW with beta1 = its momentum) on
+        whatever directions are now in p.grad.
 
         A non-finite direction anywhere skips the whole step (parameters and momentum untouched,
         counted); ``max_update_norm`` clips the global norm of the directions of all groups."""
@@ -417,6 +418,9 @@ class CaptureOptimizer(torch.optim.Optimizer):
         for group, params in groups:
             if not params:
                 continue
+            if group.get("update", "sgd") == "adamw":
+                self._adamw(group, params, scale)
+                continue
             bufs = []
             for p in params:
                 st = self.state[p]
@@ -425,3 +429,18 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 bufs.append(st["momentum_buffer"])
             momentum_step(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
                           weight_decay=group["weight_decay"], nesterov=group["nesterov"], scale=scale)
+
+    def _adamw(self, group: dict, params: list[Tensor], scale: float) -> None:
+        avgs, sqs, steps = [], [], []
+        for p in params:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] = 0
+            st["step"] += 1
+            avgs.append(st["exp_avg"])
+            sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        adamw_step(params, [p.grad for p in params], avgs, sqs, steps, lr=group["lr"], beta1=group["momentum"],
+                   beta2=group["beta2"], eps=group["eps"], weight_decay=group["weight_decay"], scale=scale)

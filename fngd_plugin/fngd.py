@@ -46,7 +46,7 @@ from .base import CaptureOptimizer
 from .capture import MicroBatch
 from .distributed import all_reduce_mean
 from .gram import add_weighted, block_gram
-from .options import check_choice, check_flag, check_number, check_sgd_args
+from .options import OptionError, check_choice, check_flag, check_number, check_sgd_args
 from .samplers import PerSampleGrads, override_base, post_reason, unsupported_reason
 from .schedule import EpochSchedule
 from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
@@ -56,6 +56,7 @@ logger = logging.getLogger("fngd_plugin")
 
 COEFFICIENT_MODES = ("network", "layer")
 REUSE_MODES = ("position", "sample", "off")
+UPDATE_MODES = ("sgd", "adamw")
 NETWORK_BLOCK = -1
 
 
@@ -65,9 +66,15 @@ class FNGD(CaptureOptimizer):
     Args:
         params: parameters or param groups (as timm and fairseq build optimizers).
         lr: learning rate (>= 0).
-        momentum: heavy-ball momentum on the FNGD direction, in [0, 1).
-        weight_decay: L2 weight decay added to the FNGD direction (>= 0).
-        nesterov: Nesterov momentum (needs momentum > 0).
+        momentum: heavy-ball momentum on the FNGD direction, in [0, 1) (with ``update="adamw"``:
+            AdamW's beta1, the decay of the first moment).
+        weight_decay: L2 weight decay added to the FNGD direction (>= 0); with ``update="adamw"``
+            decoupled, as in AdamW (p *= 1 - lr * weight_decay).
+        nesterov: Nesterov momentum (needs momentum > 0; update="sgd" only).
+        update: what is applied to the FNGD direction: "sgd" (momentum SGD, the paper's) or
+            "adamw" (beyond the paper: the direction is AdamW's gradient input, with beta1 =
+            ``momentum``, ``beta2`` and ``eps``; the same arithmetic as torch.optim.AdamW).
+        beta2, eps: AdamW's second-moment decay in [0, 1) and denominator epsilon > 0 (update="adamw").
         damping: lambda > 0; its meaning depends on ``damping_mode``.
         damping_mode: "relative" (n lambda = damping * trace(K) / n: scale-free) or "absolute".
         coefficients: "network" (one coefficient vector for all covered layers: exact damped NGD
@@ -122,8 +129,16 @@ class FNGD(CaptureOptimizer):
         keep_per_sample: int = 2**26,
         generic_fallback: bool = True,
         sketch: int | None = None,
+        update: str = "sgd",
+        beta2: float = 0.999,
+        eps: float = 1e-8,
     ):
         check_sgd_args(lr, momentum, weight_decay, nesterov)
+        check_choice("update", update, UPDATE_MODES)
+        check_number("beta2", beta2, minimum=0.0, below=1)
+        check_number("eps", eps, minimum=0.0, strict=True)
+        if update == "adamw" and nesterov:
+            raise OptionError("nesterov", nesterov, "is for update='sgd' (update='adamw' has no Nesterov variant)")
         check_number("damping", damping, minimum=0.0, strict=True)
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("coefficients", coefficients, COEFFICIENT_MODES)
@@ -138,7 +153,8 @@ class FNGD(CaptureOptimizer):
         check_flag("generic_fallback", generic_fallback)
         check_number("sketch", sketch, minimum=1, integer=True, optional=True)
         self.generic_fallback = generic_fallback  # read by the coverage report in super().__init__
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, update=update,
+                        beta2=beta2, eps=eps)
         super().__init__(params, defaults)
 
         self.damping = float(damping)

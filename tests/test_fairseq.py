@@ -386,6 +386,8 @@ BAD_OPTIONS = {
     "kfac-damping": (["--optimizer", "kfac", "--kfac-damping", "0"],
                      "argument --kfac-damping: invalid value 0.0 (must be > 0.0)"),
     "momentum": (["--momentum", "1"], "argument --momentum: invalid value 1.0 (must be < 1)"),
+    "fngd-beta2": (["--fngd-update", "adamw", "--fngd-beta2", "1.5"],
+                   "argument --fngd-beta2: invalid value 1.5 (must be < 1)"),
 }
 
 

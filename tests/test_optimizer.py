@@ -423,3 +423,44 @@ def test_hooks_of_an_optimizer_collected_during_a_compile_wait_until_it_ends():
     del opt2
     gc.collect()
     assert hook_count() == before
+
+
+def test_update_adamw_is_torch_adamw_fed_the_fngd_direction(f64):
+    """update="adamw": at every step the parameters move as torch.optim.AdamW's would, given as its
+    gradient the direction FNGD computes at those parameters (read off an update="sgd", lr 1,
+    momentum 0 step of a copy; reuse="off", so the direction depends on the parameters and batch only)."""
+    torch.manual_seed(0)
+    model = MODELS["cnn"]()
+    batches = [model.batch(6)[0] for _ in range(4)]
+    probe, ref = copy.deepcopy(model), copy.deepcopy(model)
+    start = snapshot(model)
+    kw = dict(reuse="off", damping=0.5, weight_decay=0.1)
+    opt = FNGD(model.parameters(), lr=0.01, momentum=0.8, beta2=0.99, eps=1e-6, update="adamw", **kw)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
+                              foreach=False)
+    for x, y in batches:
+        # FNGD's direction at ref's parameters: one plain step of a copy
+        restore(probe, snapshot(ref))
+        plain = FNGD(probe.parameters(), lr=1.0, momentum=0.0, **{**kw, "weight_decay": 0.0})
+        train(probe, plain, [(x, y)])
+        direction = snapshot(ref) - snapshot(probe)
+        del plain
+        offset = 0
+        for p in ref.parameters():
+            p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        adamw.step()
+        train(model, opt, [(x, y)])
+        assert torch.allclose(snapshot(model), snapshot(ref), rtol=1e-10, atol=1e-12)
+    assert float((snapshot(model) - start).abs().max()) > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(update="adam"), "update='adam' is not supported; allowed: 'sgd', 'adamw'"),
+    (dict(update="adamw", nesterov=True), "nesterov=True is for update='sgd'"),
+    (dict(beta2=1.0), "beta2=1.0 must be < 1"),
+    (dict(eps=0.0), "eps=0.0 must be > 0"),
+])
+def test_bad_update_options(kw, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        FNGD.check_options(lr=0.1, **kw)
