@@ -3,11 +3,13 @@
 Definitions (per task; a task has one validation metric and direction, ``mode``):
   * final metric of a run: its last recorded validation metric. Partial runs (status running or
     failed: killed, still going) count with their last complete epoch; tables say how many.
-  * target, default: 0.95 x the best seed-mean validation metric any optimizer reached for
-    max-mode metrics (top1, BLEU), 1.05 x the lowest for min-mode metrics (a loss). The seed-mean
-    is the mean over the seeds of one (optimizer, configuration) at one epoch; the best is taken
-    over all optimizers, configurations and epochs. Override per task: ``targets={"digits": 90}``
-    or ``--target digits=90``.
+  * target, default: 0.98 x the best seed-mean validation metric any optimizer reached for
+    max-mode metrics (top1, BLEU), 1.02 x the lowest for min-mode metrics (a loss): a target only
+    a well-tuned optimizer reaches, so that time to it discriminates. The seed-mean is the mean
+    over the seeds of one (optimizer, configuration) at one epoch; the best is taken over all
+    optimizers, configurations and epochs. Override per task: ``targets={"digits": 90}`` or
+    ``--target digits=90``. A second, looser target (0.95 x / 1.05 x the same best) is reported
+    beside it (``*_loose`` columns).
   * time-to-target (TTT) of a run: the cumulative training time (``time``: optimisation seconds,
     validation excluded) and the epoch number at the end of the first epoch whose validation
     metric reaches the target (>= for max, <= for min); NaN = not reached.
@@ -33,31 +35,38 @@ import pandas as pd
 
 FNGD, REFERENCE = "fngd", "sgd"
 ORDER = ["fngd", "kfac", "sgd", "adamw"]
-DEFAULT_FACTOR = {"max": 0.95, "min": 1.05}
+DEFAULT_FACTOR = {"max": 0.98, "min": 1.02}
+LOOSE_FACTOR = {"max": 0.95, "min": 1.05}
 
 
-def default_targets(df: pd.DataFrame) -> dict[str, float]:
+def default_targets(df: pd.DataFrame, factor: dict[str, float] = DEFAULT_FACTOR) -> dict[str, float]:
     """Task -> default target (see the module docstring)."""
     out = {}
     for task, d in df.groupby("task"):
         seed_mean = d.groupby(["optimizer", "config", "epoch"])["val_metric"].mean()
         mode = d["mode"].iloc[0]
-        out[task] = DEFAULT_FACTOR[mode] * (seed_mean.max() if mode == "max" else seed_mean.min())
+        out[task] = factor[mode] * (seed_mean.max() if mode == "max" else seed_mean.min())
         if not out[task] > 0:
             warnings.warn(f"task {task}: default target is {out[task]} (no optimizer got its {d['metric'].iloc[0]} "
                           "above 0); give one with --target / targets=", stacklevel=2)
     return out
 
 
-def per_run(df: pd.DataFrame, targets: dict[str, float]) -> pd.DataFrame:
-    """One row per run: final metric, totals, time-to-target, and whether the run is in its optimizer's
-    best configuration (``best``)."""
+def _hits(valid: pd.DataFrame, mode: str, target: float) -> pd.DataFrame:
+    return valid[valid["val_metric"] >= target] if mode == "max" else valid[valid["val_metric"] <= target]
+
+
+def per_run(df: pd.DataFrame, targets: dict[str, float], loose: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per run: final metric, totals, time-to-target (and to the ``loose`` target:
+    ``*_loose`` columns), and whether the run is in its optimizer's best configuration (``best``)."""
     final_cols = [c for c in df.columns if c.startswith("final_")]
+    loose = loose or {}
     rows = []
     for _, d in df.groupby("source", sort=False):
         first, valid = d.iloc[0], d.dropna(subset=["val_metric"])
         target = targets.get(first["task"], math.nan)
-        hit = valid[valid["val_metric"] >= target] if first["mode"] == "max" else valid[valid["val_metric"] <= target]
+        loose_target = loose.get(first["task"], math.nan)
+        hit, hit2 = _hits(valid, first["mode"], target), _hits(valid, first["mode"], loose_target)
         rows.append({**{k: first[k] for k in ("task", "metric", "mode", "optimizer", "config", "seed", "run")},
                      "status": first["status"], "partial": first["status"] in ("running", "failed"),
                      "epochs": d["epoch"].max(), "total_time": d["time"].iloc[-1],
@@ -65,6 +74,8 @@ def per_run(df: pd.DataFrame, targets: dict[str, float]) -> pd.DataFrame:
                      "target": target, "reached": not hit.empty,
                      "ttt_time": hit["time"].iloc[0] if len(hit) else math.nan,
                      "ttt_epoch": hit["epoch"].iloc[0] if len(hit) else math.nan,
+                     "target_loose": loose_target, "reached_loose": not hit2.empty,
+                     "ttt_time_loose": hit2["time"].iloc[0] if len(hit2) else math.nan,
                      **{c: first[c] for c in final_cols}, "source": first["source"]})
     runs = pd.DataFrame(rows)
     runs["best"] = False
@@ -146,9 +157,12 @@ def _summary(d: pd.DataFrame) -> dict:
     final_mean, final_std, _ = stats(d["final"])
     t_mean, t_std, n_reached = stats(d.loc[d["reached"], "ttt_time"])
     e_mean, e_std, _ = stats(d.loc[d["reached"], "ttt_epoch"])
+    l_mean, l_std, _ = stats(d.loc[d["reached_loose"], "ttt_time_loose"]) if "reached_loose" in d else (
+        math.nan, math.nan, 0)
     return {"runs": len(d), "partial": int(d["partial"].sum()), "final": final_mean, "final_std": final_std,
             "reached": int(d["reached"].sum()), "ttt_time": t_mean, "ttt_time_std": t_std, "ttt_epoch": e_mean,
-            "ttt_epoch_std": e_std}
+            "ttt_epoch_std": e_std, "reached_loose": int(d.get("reached_loose", pd.Series(dtype=bool)).sum()),
+            "ttt_time_loose": l_mean, "ttt_time_loose_std": l_std}
 
 
 def headline(runs: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
@@ -219,12 +233,14 @@ def build_tables(df: pd.DataFrame, targets: dict[str, float] | None = None) -> d
     ``targets`` (task -> value) override the default targets of those tasks."""
     targets = targets or {}
     chosen = {**default_targets(df[~df["task"].isin(list(targets))]), **targets}
+    loose = default_targets(df, LOOSE_FACTOR)
     modes = df.groupby("task")["mode"].first()
     target_table = pd.DataFrame([{"task": t, "metric": df.loc[df["task"] == t, "metric"].iloc[0], "mode": modes[t],
                                   "target": v, "rule": "given" if t in targets else
-                                  f"{DEFAULT_FACTOR[modes[t]]} x best seed-mean"}
+                                  f"{DEFAULT_FACTOR[modes[t]]} x best seed-mean",
+                                  "loose target": loose[t], "loose rule": f"{LOOSE_FACTOR[modes[t]]} x best seed-mean"}
                                  for t, v in chosen.items() if t in modes.index])
-    runs = per_run(df, chosen)
+    runs = per_run(df, chosen, loose)
     seeds, speed = speedups(runs)
     return {"targets": target_table, "runs": runs, "headline": headline(runs, speed), "speedups": speed,
             "speedup_seeds": seeds, "final": final_table(runs), "epoch_cost": epoch_cost(df, runs),

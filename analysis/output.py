@@ -71,6 +71,8 @@ def shown(name: str, t: pd.DataFrame) -> pd.DataFrame:
                          "metric": r["metric"], "final": _pm(r["final"], r["final_std"]),
                          "time to target (s)": _ttt(r["ttt_time"], r["ttt_time_std"], r["reached"], r["runs"]),
                          "epochs to target": _ttt(r["ttt_epoch"], r["ttt_epoch_std"], r["reached"], r["runs"]),
+                         "time to loose target (s)": _ttt(r["ttt_time_loose"], r["ttt_time_loose_std"],
+                                                          r["reached_loose"], r["runs"]),
                          "FNGD speedup (time)": _speed(r["speedup_time"], r["speedup_time_std"],
                                                        r["speedup_time_bound"]),
                          "FNGD speedup (epochs)": _speed(r["speedup_epochs"], r["speedup_epochs_std"],
@@ -161,8 +163,9 @@ def report(paths: Iterable[str | Path], out: str | Path, targets: dict[str, floa
         f"reached it; n/r = not reached. {SPEEDUP_NOTE}",
         md["headline"],
         "## Targets",
-        "Default target: 0.95 × the best seed-mean validation metric any optimizer reached (max-mode metrics), "
-        "1.05 × the lowest (min-mode); seed-mean = mean over seeds of one configuration at one epoch.",
+        "Default target: 0.98 × the best seed-mean validation metric any optimizer reached (max-mode metrics), "
+        "1.02 × the lowest (min-mode); seed-mean = mean over seeds of one configuration at one epoch. The loose "
+        "target (0.95 ×, 1.05 ×) is the headline's second time column.",
         md["targets"],
         "## Curves",
         "Best configuration per optimizer; line = mean over seeds, band = ± std (time axis: seeds interpolated "
