@@ -270,7 +270,9 @@ def _resources(err: _Errors, where: str, table: dict, base: Resources) -> Resour
 
 def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     """The task ``name`` of the tuning result ``spec["tuned"]``, merged into ``spec``: the tuned
-    task's settings, and its chosen configurations as the optimizers (besides the task's own)."""
+    task's settings, and its chosen configurations as the optimizers, besides the task's own; a
+    variant NAME:X of a tuned optimizer starts from NAME's chosen configuration and changes only
+    the options it gives (an ablation of the tuned configuration)."""
     where = f"tasks.{name}.tuned"
     source = err.typed(where, spec["tuned"], str)
     try:
@@ -292,6 +294,7 @@ def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         if o in chosen:
             err.fail(f"tasks.{name}.optimizers.{o}", f"comes from the tuning result {source}; name a variant "
                                                      f"({o}:NAME) for another configuration")
+    own = {o: {**chosen.get(o.split(":")[0], {}), **hp} if isinstance(hp, dict) else hp for o, hp in own.items()}
     return {**{k: v for k, v in task["settings"].items() if v is not None}, **spec,
             "optimizers": {**chosen, **own}}
 

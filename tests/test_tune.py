@@ -163,17 +163,20 @@ def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tm
         [tasks.img]
         tuned = "{result}"
         [tasks.img.optimizers."sgd:nomomentum"]
-        lr = 0.1
         momentum = 0.0
+        [tasks.img.optimizers."adamw:x"]
+        lr = 0.001
         """, name="report.toml")
     s = sw.load(path)
     task = s.tasks["img"]
     assert (task.kind, task.epochs, task.args, task.data) == ("timm", 2, {"model": "test_resnet"}, Path("d").absolute())
     chosen = json.loads(result.read_text())["tasks"]["img"]["optimizers"]
+    # a variant of a tuned optimizer changes only what it gives; another optimizer's is as written
     assert task.optimizers == {"fngd": chosen["fngd"]["chosen"]["hparams"], "sgd": chosen["sgd"]["chosen"]["hparams"],
-                               "sgd:nomomentum": {"lr": 0.1, "momentum": 0.0}}
+                               "sgd:nomomentum": {**chosen["sgd"]["chosen"]["hparams"], "momentum": 0.0},
+                               "adamw:x": {"lr": 0.001}}
     assert task.optimizers["fngd"] == {"lr": 0.316, "damping": 0.1}  # the third trial scored highest
-    assert len(s.runs) == 3 * 2
+    assert len(s.runs) == 4 * 2
 
 
 @pytest.mark.parametrize("body,message", [
@@ -228,3 +231,28 @@ def test_tune_cli_runs_trials_chooses_on_validation_then_runs_the_seeds(tmp_path
     assert again.count("nothing to launch") == 2
     status = cli(str(path), "--status", cwd=tmp_path).stdout
     assert "2 runs: 2 done" in status and "chosen configurations, other seeds:" in status
+
+
+# ----------------------------------------------------------------------------------------- presets
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sw.presets())
+def test_every_preset_loads_from_the_repository_root(name, monkeypatch):
+    """The presets' relative paths (data, tuning results) are the repository root's, where the
+    README runs them; every one is checked against the real hosts' optimizer options."""
+    pytest.importorskip("fairseq")
+    monkeypatch.chdir(REPO)
+    s = sw.load(name)
+    assert s.runs and all(r.command for r in s.runs[:3])
+    if s.tune is not None:
+        assert {len(v) for v in s.trials.values()} == {s.tune.trials} and len(s.seeds) == 3
+
+
+def test_the_paper_preset_dry_runs_on_slurm_with_the_tuning_protocol():
+    pytest.importorskip("fairseq")
+    out = cli("paper", "--dry-run", cwd=REPO).stdout
+    assert "tuning sweep paper: 8 trials for each of 8 optimizers (64 trial runs at seed 0)" in out
+    assert "then the chosen configurations at seeds 1, 2 (16 runs)" in out
+    assert out.count("[not started; 1 GPU, 8 CPU, 32 GB, 240 min]") == 64
+    assert out.count("-m fairseq_ext.translate") == 32 and out.count("-m timm_ext.train") == 32
