@@ -35,6 +35,13 @@ multiplies everything::
     lr = 0.1
     coefficients = "layer"
 
+A task can take its settings and optimizers from a tuning result (``python -m fngd_slurm tune``,
+see fngd_slurm.tune) instead: ``tuned = "docs/tuning/tune.json"`` runs every optimizer's chosen
+configuration with the tuned task's own settings (kind, data, epochs, args: none may be given
+beside it); ``tuned = { result = "...", optimizers = ["fngd"] }`` only those; a variant table
+``[tasks.X.optimizers."fngd:layer"]`` then changes only the options it names in fngd's chosen
+configuration (an ablation of the tuned configuration).
+
 Task kinds are the entries of ``RUNNERS``: the module that runs one training run of that host
 and knows its optimizers. ``timm`` runs ``python -m timm_ext.train`` (``args``: its options),
 ``fairseq`` runs ``python -m fairseq_ext.translate`` (``args``: fairseq-train options). Optimizer
@@ -274,7 +281,15 @@ def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     variant NAME:X of a tuned optimizer starts from NAME's chosen configuration and changes only
     the options it gives (an ablation of the tuned configuration)."""
     where = f"tasks.{name}.tuned"
-    source = err.typed(where, spec["tuned"], str)
+    tuned = spec["tuned"]
+    only = None
+    if isinstance(tuned, dict):  # {result = "...", optimizers = ["fngd"]}: only those chosen ones
+        err.keys(where, tuned, {"result", "optimizers"})
+        only = tuned.get("optimizers")
+        if not (isinstance(only, list) and only and all(isinstance(o, str) for o in only)):
+            err.fail(f"{where}.optimizers", f"{only!r}: expected a non-empty list of optimizer names")
+        tuned = tuned.get("result")
+    source = err.typed(where if only is None else f"{where}.result", tuned, str)
     try:
         result = _tune.load_result(source)
     except ValueError as e:
@@ -285,6 +300,9 @@ def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     for k in TUNED_KEYS:
         if k in spec:
             err.fail(f"tasks.{name}.{k}", f"comes from the tuning result {source}; remove it here")
+    for o in only or []:
+        if o not in task["optimizers"]:
+            err.fail(f"{where}.optimizers", f"{o!r} is not tuned in {source} (tuned: {', '.join(task['optimizers'])})")
     chosen = {o: v["chosen"]["hparams"] for o, v in task["optimizers"].items() if v.get("chosen")}
     missing = [o for o, v in task["optimizers"].items() if not v.get("chosen")]
     if missing:
@@ -295,6 +313,8 @@ def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
             err.fail(f"tasks.{name}.optimizers.{o}", f"comes from the tuning result {source}; name a variant "
                                                      f"({o}:NAME) for another configuration")
     own = {o: {**chosen.get(o.split(":")[0], {}), **hp} if isinstance(hp, dict) else hp for o, hp in own.items()}
+    if only is not None:
+        chosen = {o: hp for o, hp in chosen.items() if o in only}
     return {**{k: v for k, v in task["settings"].items() if v is not None}, **spec,
             "optimizers": {**chosen, **own}}
 

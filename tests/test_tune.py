@@ -177,6 +177,10 @@ def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tm
                                "adamw:x": {"lr": 0.001}}
     assert task.optimizers["fngd"] == {"lr": 0.316, "damping": 0.1}  # the third trial scored highest
     assert len(s.runs) == 4 * 2
+    # only some of the tuned optimizers: the others are left out, their variants still start from them
+    path.write_text(path.read_text().replace(f'tuned = "{result}"', f'tuned = {{ result = "{result}", '
+                                                                    'optimizers = ["fngd"] }'))
+    assert set(sw.load(path).tasks["img"].optimizers) == {"fngd", "sgd:nomomentum", "adamw:x"}
 
 
 @pytest.mark.parametrize("body,message", [
@@ -185,6 +189,8 @@ def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tm
     ('[tasks.img]\ntuned = "{r}"\n[tasks.img.optimizers.fngd]\nlr = 1\n',
      "tasks.img.optimizers.fngd: comes from the tuning result .* name a variant"),
     ('[tasks.img]\ntuned = "{r}.missing"\n', "tasks.img.tuned: .*not a readable tuning result"),
+    ('[tasks.img]\ntuned = {{ result = "{r}", optimizers = ["lbfgs"] }}\n',
+     "tasks.img.tuned.optimizers: 'lbfgs' is not tuned in .* \\(tuned: fngd, sgd\\)"),
 ])
 def test_tuned_tasks_refuse_settings_that_would_drift(tmp_path, body, message):
     result = tuned_result(tmp_path)
