@@ -160,6 +160,10 @@ def tune_main(sweep: Sweep, args: argparse.Namespace) -> int:
     tune.write_result(result_path, tune.public(current()))
     print(f"tuning result: {result_path} and {result_path.with_suffix('.md')}"
           + ("" if ended2 else " (seeds still running: run the same command again when they are done)"))
+    if ended2:
+        dirs = " ".join(shlex.quote(str(r.dir)) for r in seed_runs(result))
+        print(f"the chosen configurations compared (every seed):\n  python -m fngd_analysis {dirs} --out "
+              f"{shlex.quote(str(sweep.root / 'report'))}")
     return max(code, code2)
 
 

@@ -135,6 +135,18 @@ def best_value(record: dict[str, Any] | None) -> float | None:
     return max(values) if record.get("metric", {}).get("mode", "max") == "max" else min(values)
 
 
+def edges(space: dict[str, Any], trials: list[dict[str, Any]], pick: dict[str, Any]) -> list[str]:
+    """The range axes on which ``pick`` is the lowest or highest point tried: a choice at the edge
+    of what was searched, where a wider range might do better (reported beside the result)."""
+    out = []
+    for axis, v in space.items():
+        if isinstance(v, dict) and len(trials) > 1:
+            tried = [t["hparams"][axis] for t in trials]
+            if pick["hparams"][axis] in (min(tried), max(tried)):
+                out.append(f"{axis} {'lowest' if pick['hparams'][axis] == min(tried) else 'highest'} tried")
+    return out
+
+
 def choose(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """The chosen trial among ``trials`` (dicts with "value"); None when no trial has a value."""
     scored = [t for t in trials if t["value"] is not None]
@@ -210,6 +222,9 @@ def markdown(data: dict[str, Any]) -> str:
                       "| trial | " + " | ".join(o["axes"]) + " | best validation | status | run |",
                       "|---" * (len(o["axes"]) + 4) + "|"]
             chosen = (o.get("chosen") or {}).get("run")
+            if (o.get("chosen") or {}).get("edges"):
+                lines += [f"Chosen at the edge of the trials: {', '.join(o['chosen']['edges'])} (a wider search "
+                          "might find better).", ""]
             for i, t in enumerate(o["trials"]):
                 mark = " **chosen**" if t["run"] == chosen else ""
                 lines.append(f"| {i + 1}{mark} | " + " | ".join(_fmt(t["hparams"].get(a)) for a in o["axes"])
@@ -256,7 +271,8 @@ def state(sweep, status_of, record_of) -> dict[str, Any]:
         if all(t["status"] in ("done", "failed") for t in trials):
             pick = choose(trials, entry["mode"] or "max")
             if pick is not None:
-                o["chosen"] = {"run": pick["run"], "hparams": pick["hparams"], "value": pick["value"]}
+                o["chosen"] = {"run": pick["run"], "hparams": pick["hparams"], "value": pick["value"],
+                               "edges": edges(space, trials, pick)}
                 o["seed_runs"] = [seed_run(sweep, tname, opt, pick["hparams"], s) for s in sweep.seeds]
                 assert o["seed_runs"][0].id == pick["run"], "the chosen trial is its configuration's first seed"
                 for run in o["seed_runs"]:

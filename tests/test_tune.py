@@ -121,6 +121,7 @@ def test_the_choice_is_the_best_validation_value_over_epochs_and_failed_trials_l
     state = tune.state(s, executors.status_of, executors.record_of)
     fo = state["tasks"]["img"]["optimizers"]["fngd"]
     assert fo["chosen"]["run"] == f[1].id and fo["chosen"]["value"] == 90.0
+    assert fo["chosen"]["edges"] == ["lr lowest tried"]  # lr 0.0316 of 0.1, 0.0316, 0.316
     assert [t["value"] for t in fo["trials"]] == [70.0, 90.0, None]
     # the chosen trial is the configuration's first seed; the others are new runs of the same point
     assert [r.id for r in fo["seed_runs"]][0] == f[1].id and [r.seed for r in fo["seed_runs"]] == [0, 1, 2]
