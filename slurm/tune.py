@@ -203,6 +203,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return _fmt(mean)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4g} ± {std:.2g}"
+
+
 def markdown(data: dict[str, Any]) -> str:
     p = data["protocol"]
     m = data["machine"]
@@ -215,7 +225,18 @@ def markdown(data: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v}" for k, v in m["packages"].items()), ""]
     for tname, task in data["tasks"].items():
         lines += [f"## {tname} ({task['kind']}, {task['epochs']} epochs, validation {task['metric']}, "
-                  f"{task['mode']})", ""]
+                  f"{task['mode']})", "",
+                  "| optimizer | chosen configuration | seeds | best validation (mean ± std) | test (mean ± std) |",
+                  "|---|---|---|---|---|"]
+        for opt, o in task["optimizers"].items():
+            done = [s for s in o.get("seeds", []) if s["status"] == "done"]
+            tests = {k: [s["final"][k] for s in done if isinstance((s.get("final") or {}).get(k), (int, float))]
+                     for k in ("test_bleu", "test_top1")}
+            test = "; ".join(f"{k[5:]} {_mean_std(v)}" for k, v in tests.items() if v)
+            config = ", ".join(f"{k}={_fmt(v)}" for k, v in ((o.get("chosen") or {}).get("hparams") or {}).items())
+            lines.append(f"| {opt} | {config or '(not chosen yet)'} | {len(done)} | "
+                         f"{_mean_std([s['value'] for s in done if s['value'] is not None])} | {test or '-'} |")
+        lines.append("")
         for opt, o in task["optimizers"].items():
             space = ", ".join(f"{k} {v}" for k, v in o["space"].items())
             lines += [f"### {opt}", "", f"Search space: {space}", "",
