@@ -239,13 +239,13 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
         for opt, o in task["optimizers"].items():
             space = ", ".join(f"{k} {v}" for k, v in o["space"].items())
-            lines += [f"### {opt}", "", f"Search space: {space}", "",
-                      "| trial | " + " | ".join(o["axes"]) + " | best validation | status | run |",
-                      "|---" * (len(o["axes"]) + 4) + "|"]
+            lines += [f"### {opt}", "", f"Search space: {space}", ""]
             chosen = (o.get("chosen") or {}).get("run")
             if (o.get("chosen") or {}).get("edges"):
                 lines += [f"Chosen at the edge of the trials: {', '.join(o['chosen']['edges'])} (a wider search "
                           "might find better).", ""]
+            lines += ["| trial | " + " | ".join(o["axes"]) + " | best validation | status | run |",
+                      "|---" * (len(o["axes"]) + 4) + "|"]
             for i, t in enumerate(o["trials"]):
                 mark = " **chosen**" if t["run"] == chosen else ""
                 lines.append(f"| {i + 1}{mark} | " + " | ".join(_fmt(t["hparams"].get(a)) for a in o["axes"])

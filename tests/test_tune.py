@@ -139,6 +139,11 @@ def test_the_choice_is_the_best_validation_value_over_epochs_and_failed_trials_l
     assert data["sweep"]["text"] == s.path.read_text() and len(data["sweep"]["sha256"]) == 64
     md = out.with_suffix(".md").read_text()
     assert f"| 2 **chosen** | 0.0316 | 1 | 90 | done | `{f[1].id}` |" in md
+    assert "Chosen at the edge of the trials: lr lowest tried" in md
+    lines = md.splitlines()
+    for i, line in enumerate(lines):  # no text inside a table: a row follows the rule or another row
+        if line.startswith("|") and not (i + 1 < len(lines) and lines[i + 1].startswith("|---")):
+            assert lines[i - 1].startswith("|"), line
 
 
 def test_min_mode_metrics_choose_the_lowest(tmp_path):
