@@ -38,8 +38,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,14 +157,6 @@ def choose(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------------------- the result
-def machine() -> dict[str, Any]:
-    from fngd_records import package_versions
-
-    return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "packages": package_versions()}
-
-
 def write_result(path: Path, data: dict[str, Any]) -> None:
     from fngd_records import write_json_atomic
 
@@ -204,13 +196,9 @@ def _fmt(v: Any) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = sum(values) / len(values)
     if len(values) < 2:
-        return _fmt(mean)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.4g} ± {std:.2g}"
+        return _fmt(statistics.mean(values)) if values else "-"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -303,7 +291,9 @@ def state(sweep, status_of, record_of) -> dict[str, Any]:
                                        "value": best_value(rec) if st == "done" else None,
                                        "final": (rec or {}).get("final") if st == "done" else None})
         entry["optimizers"][opt] = o
-    return {"format": FORMAT, "name": sweep.name, "date": now(), "machine": machine(),
+    from fngd_records import environment
+
+    return {"format": FORMAT, "name": sweep.name, "date": now(), "machine": environment(),
             "sweep": sweep_provenance(sweep.path),
             "protocol": {"trials": sweep.tune.trials, "search_seed": sweep.tune.search_seed, "seeds": sweep.seeds,
                          "selection": SELECTION}, "tasks": tasks}
