@@ -48,7 +48,7 @@ def timm_sweep(tmp_path: Path, digits: Path, name: str, optimizers: str, epochs:
         kind = "timm"
         data = "{digits}"
         epochs = {epochs}
-        args = {{ model = "test_resnet", img_size = 16, batch_size = 128 }}
+        args = {{ model = "test_resnet", img_size = 16, batch_size = 128, test_split = "test" }}
         {optimizers}
         """, name=f"{name}.toml")
 
@@ -244,3 +244,6 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, digits):
     keys = ("epoch", "step", "train_loss", "val_loss", "val_metric", "phase")
     assert [{k: e[k] for k in keys} for e in got["epochs"]] == [{k: e[k] for k in keys} for e in expected["epochs"]]
     assert got["final"]["val_metric"] == expected["final"]["val_metric"]
+    # the best validation epoch, kept across the kill (best.pt), is the one tested, with the same result
+    assert got["final"]["best_epoch"] == expected["final"]["best_epoch"]
+    assert got["final"]["test_top1"] == expected["final"]["test_top1"]

@@ -98,13 +98,25 @@ def digits_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("digits")
     counts = write_digits(out, size=16)
-    assert counts == {"train": 1438, "validation": 359}
+    assert counts == {"train": 1079, "validation": 359, "test": 359}
+    files = {split: {f.name for f in (out / split).rglob("*.png")} for split in counts}
+    assert {k: len(v) for k, v in files.items()} == counts  # every image in exactly one split
+    assert not (files["train"] & files["validation"] or files["train"] & files["test"]
+                or files["validation"] & files["test"])
     return out
 
 
-def loaders(root, batch=64, size=16):
+def test_digits_split_checks_name_the_bad_fraction(tmp_path):
+    from timm_ext.digits import write_digits
+
+    with pytest.raises(ValueError, match=r"test_fraction=0.9 .*\(val_fraction \+ test_fraction = 1.1"):
+        write_digits(tmp_path, val_fraction=0.2, test_fraction=0.9)
+    assert write_digits(tmp_path / "two", size=8, test_fraction=0.0) == {"train": 1438, "validation": 359}
+
+
+def loaders(root, batch=64, size=16, val="validation"):
     train = create_dataset("", root=str(root), split="train", is_training=True)
-    val = create_dataset("", root=str(root), split="validation")
+    val = create_dataset("", root=str(root), split=val)
     common = dict(input_size=(3, size, size), mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0, use_prefetcher=False,
                   device=torch.device("cpu"), persistent_workers=False)
     tl = create_loader(train, batch_size=batch, is_training=True, no_aug=True, **common)
@@ -421,3 +433,34 @@ def test_torchcompile_model_is_preconditioned(f64):
     s = opt.stats()
     assert s["steps"] == {"collect": 2, "collect_solved": 2, "reuse": 2, "reuse_weighted": 2}
     assert s["unpreconditioned"] == {}
+
+
+def test_train_reports_the_best_validation_epochs_weights_on_test(digits_dir, tmp_path):
+    """python -m timm_ext.train --test-split: choose on validation (best epoch, earlier on ties),
+    report on test; the reported test top-1 is recomputed here from best.pt with a loop of our own."""
+    import json
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "timm_ext.train", "--data", str(digits_dir), "--out", str(out), "--opt", "sgd",
+           "--lr", "0.05", "--epochs", "3", "--model", "test_resnet", "--img-size", "16", "--batch-size", "128",
+           "--threads", "1", "--test-split", "test"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    rec = json.loads((out / "record.json").read_text())
+    vals = [e["val_metric"] for e in rec["epochs"]]
+    best_epoch = vals.index(max(vals)) + 1
+    final = rec["final"]
+    assert final["best_epoch"] == best_epoch
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch and best["top1"] == max(vals)
+    model = timm.create_model("test_resnet", num_classes=10)
+    model.load_state_dict(best["model"])
+    _, tl = loaders(digits_dir, size=16, val="test")
+    assert 100.0 * evaluate(model, tl) == pytest.approx(final["test_top1"], abs=1e-9)
+    # the last epoch's weights are not what was tested (unless the last epoch was the best)
+    assert final["val_metric"] == vals[-1]
+
+    bad = subprocess.run([*cmd[:-1], "tset"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and f"--test-split tset: no folder {digits_dir / 'tset'}" in bad.stderr
+    assert "sub-folders of --data: test, train, validation" in bad.stderr

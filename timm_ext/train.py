@@ -16,6 +16,9 @@ atomically) from which a re-run of the same command resumes — a preempted or k
 the same numbers as an uninterrupted one (each epoch's data order and augmentation draw from
 ``seed`` and the epoch alone) — and RUN_DIR/record.json (format: fngd_records.py) with
 per-epoch train loss, validation top-1 and loss, cumulative optimisation time and FNGD's phase.
+With ``--test-split``, the weights of the best validation epoch (RUN_DIR/best.pt; ties keep the
+earlier) are evaluated once on that split at the end: ``final`` gets ``test_top1``, ``test_loss``
+and ``best_epoch`` -- chosen on validation, reported on test.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 _log = logging.getLogger("timm_ext.train")
 
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--download", action="store_true", help="let a torchvision dataset download itself")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--val-split", default="validation")
+    ap.add_argument("--test-split", default=None,
+                    help="evaluate the best validation epoch's weights on this split at the end (default: none)")
     ap.add_argument("--out", required=True, type=Path, help="run directory: checkpoint.pt, record.json")
     ap.add_argument("--model", default="cifar_resnet18")
     ap.add_argument("--num-classes", type=int, default=10)
@@ -167,6 +173,10 @@ class Trainer:
         self.train_loader = create_loader(train, batch_size=args.batch_size, is_training=True,
                                           no_aug=not args.aug, **common)
         self.val_loader = create_loader(val, batch_size=max(args.batch_size, 128), is_training=False, **common)
+        self.test_loader = None
+        if args.test_split:  # built now: a missing split fails before any training, not after it
+            test = create_dataset(name, root=root, split=args.test_split, download=args.download)
+            self.test_loader = create_loader(test, batch_size=max(args.batch_size, 128), is_training=False, **common)
 
     # ------------------------------------------------------------------------------- epochs
     def _sync(self) -> None:
@@ -214,11 +224,11 @@ class Trainer:
         return mean_loss, seconds, steps, phase
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """(top-1 accuracy %, mean loss) on the validation split."""
+    def evaluate(self, loader=None) -> tuple[float, float]:
+        """(top-1 accuracy %, mean loss) on the validation split (or ``loader``'s)."""
         self.net.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for x, y in self.val_loader:
+        for x, y in self.val_loader if loader is None else loader:
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits = self.net(x)
@@ -244,6 +254,24 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
+
+    def best_state(self) -> dict[str, Tensor]:
+        """A copy of the weights (every rank keeps its own: no file read across ranks)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def save_best(self, path: Path, state: dict[str, Tensor], epoch: int, top1: float) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"epoch": epoch, "top1": top1, "model": state}, tmp)
+        os.replace(tmp, path)
+
+    def test(self, state: dict[str, Tensor]) -> tuple[float, float]:
+        """(top-1, loss) of the weights ``state`` on the test split; the trained weights are restored."""
+        last = self.best_state()
+        self.model.load_state_dict(state)
+        try:
+            return self.evaluate(self.test_loader)
+        finally:
+            self.model.load_state_dict(last)
 
     def load(self, path: Path) -> int:
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -272,8 +300,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(args)
     main_rank = trainer.rank == 0
-    ckpt = args.out / "checkpoint.pt"
+    ckpt, best_path = args.out / "checkpoint.pt", args.out / "best.pt"
     start = trainer.load(ckpt) if ckpt.exists() else 0
+    best: dict[str, Any] | None = None  # {"epoch", "top1", "model"} of the best validation epoch so far
+    if args.test_split and start and best_path.exists():
+        best = torch.load(best_path, map_location=trainer.device, weights_only=True)
+        if best["epoch"] > start:  # saved, then killed before its checkpoint: that epoch runs again and,
+            best = None             # deterministic, beats every earlier one again (so nothing is lost)
     record = RunRecord(args.out / "record.json")
     config = run_config(args.out, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     if main_rank:
@@ -291,6 +324,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             top1, val_loss = trainer.evaluate()
             opt_time += seconds
             wall += time.perf_counter() - t_epoch
+            if args.test_split and math.isfinite(top1) and (best is None or top1 > best["top1"]):
+                best = {"epoch": epoch + 1, "top1": top1, "model": trainer.best_state()}
+                if main_rank:  # before the checkpoint: a resume from it finds the best so far
+                    trainer.save_best(best_path, best["model"], epoch + 1, top1)
             if main_rank:
                 trainer.save(ckpt, epoch + 1)
                 record.epoch(epoch=epoch + 1, step=(epoch + 1) * steps, time=opt_time, wall=wall, epoch_time=seconds,
@@ -302,10 +339,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.max_time_min is not None and opt_time > 60 * args.max_time_min:
                 print(f"time budget of {args.max_time_min} min reached after epoch {epoch + 1}", flush=True)
                 break
+        test: dict[str, Any] = {}
+        if args.test_split:
+            if best is None:
+                raise RuntimeError(f"no finite validation top-1 in any epoch: nothing to evaluate on {args.test_split!r}")
+            test_top1, test_loss = trainer.test(best["model"])
+            test = {"test_top1": test_top1, "test_loss": test_loss, "best_epoch": best["epoch"]}
+            print(f"test top1 {test_top1:.2f} | test loss {test_loss:.4f} | weights of epoch {best['epoch']} "
+                  f"(best validation top1 {best['top1']:.2f})", flush=True)
         if main_rank:
             last = record.data["epochs"][-1] if record.data["epochs"] else {}
             record.finish(val_metric=last.get("val_metric"), val_loss=last.get("val_loss"),
-                          epochs=len(record.data["epochs"]), time=opt_time)
+                          epochs=len(record.data["epochs"]), time=opt_time, **test)
         return record.data
     except BaseException:
         if main_rank:
@@ -326,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
         if args.lr <= 0:
             raise ValueError(f"--lr {args.lr}: must be > 0")
+        if not args.dataset:  # an image folder: every split named must be a sub-folder of --data
+            for flag in ("train_split", "val_split", "test_split"):
+                split = getattr(args, flag)
+                if split is not None and not (Path(args.data) / split).is_dir():
+                    have = sorted(p.name for p in Path(args.data).iterdir() if p.is_dir()) \
+                        if Path(args.data).is_dir() else []
+                    raise ValueError(f"--{flag.replace('_', '-')} {split}: no folder {Path(args.data) / split} "
+                                     f"(sub-folders of --data: {', '.join(have) or 'none'})")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
