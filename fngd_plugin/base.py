@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import MicroBatch, ModuleCapture, live_modules
+from .capture import Call, MicroBatch, ModuleCapture, live_modules
 from .distributed import all_reduce_mean
 from .generic import batch_dim_of, generic_grads, generic_reason, own_params
 from .gram import add_weighted, shared_blocks
-from .samplers import PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
+from .samplers import ConvGrads, DenseGrads, PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
 from .update import adamw_step, global_norm, momentum_step
 
 logger = logging.getLogger("fngd_plugin")
@@ -51,6 +51,10 @@ CAUSES = {
                        "current mode, so its parameters got the plain gradient in this step. Put such modules in "
                        "eval() (frozen BatchNorm), set their dropout / drop-path to 0, or pass "
                        "generic_fallback=False to leave them to the plain gradient without this count.",
+    "twice_backward": "a covered module's output received a second gradient (two backward passes through one "
+                      "forward, e.g. retain_graph=True) after FNGD had compacted the first into per-sample "
+                      "gradients, so its parameters got the plain gradient in this step. Run one backward per "
+                      "forward (sum the losses first), or pass compact=False.",
     "root_mismatch": "a reuse step found no output tensor of the model whose batch size matches the stored "
                      "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
                      "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",
@@ -97,7 +101,8 @@ class CaptureOptimizer(torch.optim.Optimizer):
         self._routes: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._verified: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # subclasses checked on a first call
         self._top_ids: set[int] = set()
-        self._capture = ModuleCapture(self._params, self._start_batch, self._coverable, self._keep_output)
+        self._capture = ModuleCapture(self._params, self._start_batch, self._coverable, self._keep_output,
+                                      self._on_delta if self._compacts() else None)
         # device-side counters; read (synced) only in stats() and at epoch ends
         self._counters = {k: torch.zeros((), dtype=torch.float64) for k in self.counter_names}
         self._checked_capture = False
@@ -281,10 +286,13 @@ class CaptureOptimizer(torch.optim.Optimizer):
             if trainable < len(params):
                 self._unengaged("partly_frozen", f" ({type(module).__name__})")
                 continue
-            seen = [c for c in calls if c.delta is not None]
+            if any(c.twice for c in calls):
+                self._unengaged("twice_backward", f" ({type(module).__name__})")
+                continue
+            seen = [c for c in calls if c.delta is not None or c.grads is not None]
             # a call recorded while checkpointing recomputed the forward gets no gradient when the
             # original graph is kept (non-reentrant): only the original counts
-            lost = [c for c in calls if c.delta is None and not c.recomputed]
+            lost = [c for c in calls if c.delta is None and c.grads is None and not c.recomputed]
             if lost and any(p.grad is not None for p in module.parameters(recurse=False)):
                 self._warn_once(f"nodelta-{type(module).__name__}",
                                 f"{type(self).__name__}: a {type(module).__name__} received a gradient that its output "
@@ -304,6 +312,43 @@ class CaptureOptimizer(torch.optim.Optimizer):
                              "dimension of time-first modules with opt.set_batch_dim(module, dim)")
         return reps
 
+    # ------------------------------------------------------------------ compaction during the backward
+    def _compacts(self) -> bool:
+        """Whether output gradients are compacted into per-sample gradients as they arrive (FNGD)."""
+        return False
+
+    def _on_delta(self, module: nn.Module, call: Call, mb: MicroBatch) -> None:
+        """Called by the capture when a module's output gradient arrives: where this module's
+        per-sample gradients are smaller than its input and output gradient (a norm layer's, always;
+        an early convolution's with many positions), compute them now and drop those two tensors,
+        instead of holding every layer's until the step. Same numbers, less peak memory."""
+        if call.recomputed or call.delta is None or len(mb.calls.get(module, ())) != 1:
+            return
+        if self._route(module) != "sampler" or not self._coverable(module):
+            return
+        params = [p for p in module._parameters.values() if p is not None]
+        if not params or not all(p.requires_grad for p in params):
+            return
+        raw = call.a.numel() * call.a.element_size() + call.delta.numel() * call.delta.element_size()
+        bd = self._capture.batch_dims.get(module, 0)
+        try:
+            rep = find_sampler(module)(module, call.a, call.delta, bd, call.meta)  # type: ignore[misc]
+            if isinstance(rep, ConvGrads):
+                if not rep.materializes(getattr(self, "sketch", None)):
+                    return
+                size = rep.cache_size() * rep.weight.element_size()
+                grads = rep.materialize() if size < raw else None
+            elif isinstance(rep, DenseGrads):
+                grads = rep.grads if sum(g.numel() * g.element_size() for g in rep.grads) < raw else None
+            else:
+                return
+        except Exception:  # noqa: BLE001 -- left to the step, which names the module in its error
+            return
+        if grads is not None:
+            call.grads = DenseGrads(rep.params, grads)
+            call.a = call.delta = call.out = None  # type: ignore[assignment]
+            call.args, call.kwargs = (), {}
+
     def _module_grads(self, module: nn.Module, calls: list, bd: int) -> list[PerSampleGrads] | None:
         """Per-sample gradients of one module's calls by its route; None: left to the plain gradient."""
         route = self._route(module)
@@ -311,7 +356,11 @@ class CaptureOptimizer(torch.optim.Optimizer):
         try:
             if route == "sampler":
                 fn = find_sampler(module)
-                return [fn(module, c.a, c.delta, bd, c.meta) for c in calls]  # type: ignore[misc]
+                parts = [c.grads if c.grads is not None else fn(module, c.a, c.delta, bd, c.meta)  # type: ignore[misc]
+                         for c in calls]
+                if len(parts) > 1 and any(isinstance(r, DenseGrads) for r in parts):  # compacted and not: add up
+                    parts = [r if isinstance(r, DenseGrads) else DenseGrads(r.params, r.materialize()) for r in parts]
+                return parts
             if route == "subclass":
                 base = override_base(module)
                 try:

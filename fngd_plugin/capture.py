@@ -64,6 +64,10 @@ class Call:
     args: tuple = ()  # all inputs and keyword inputs (the torch.func fallback re-runs the module)
     kwargs: dict = field(default_factory=dict)
     out: Tensor | None = None  # kept only to check a subclass's math on its first call
+    # per-sample gradients computed when the output gradient arrived (a PerSampleGrads), where they
+    # are smaller than the input and output gradient they replace: those are then dropped
+    grads: Any = None
+    twice: bool = False  # a second output gradient arrived after the first was compacted away
 
 
 @dataclass
@@ -146,11 +150,13 @@ class ModuleCapture:
         start_batch: Callable[[nn.Module, tuple], MicroBatch | None],
         coverable: Callable[[nn.Module], bool],
         keep_output: Callable[[nn.Module], bool] | None = None,
+        on_delta: Callable[[nn.Module, Call, MicroBatch], None] | None = None,
     ):
         self._param_ids = {id(p) for p in params}
         self._start_batch = start_batch
         self._coverable = coverable
         self._keep_output = keep_output or (lambda module: False)
+        self._on_delta = on_delta
         self.roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules that started batches
         # module -> list of (name, param) owned directly, or [] ; module -> witness or None
         self._owned: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, Tensor]]] = weakref.WeakKeyDictionary()
@@ -304,10 +310,17 @@ class ModuleCapture:
                     out=out.detach() if self._keep_output(module) else None)
         mb.calls.setdefault(module, []).append(call)
 
+        on_delta = self._on_delta
+
         def on_grad(g: Tensor) -> None:
-            call.delta = g if call.delta is None else call.delta + g
             mb.backward_seen = True
             mb.tasks.add(_graph_task())
+            if call.grads is not None or call.twice:  # its input is gone: this gradient cannot be added
+                call.grads, call.twice = None, True
+                return
+            call.delta = g if call.delta is None else call.delta + g
+            if on_delta is not None:
+                on_delta(module, call, mb)
 
         base = out._base if out._is_view() else None
         if (base is not None and base.grad_fn is not None and base.numel() == out.numel() and base.is_contiguous()

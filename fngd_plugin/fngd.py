@@ -100,6 +100,12 @@ class FNGD(CaptureOptimizer):
         sketch: optional k: Linear layers whose exact Gram costs more than a k x k random sketch
             of each per-sample gradient (vocabulary-sized projections over many tokens) get the
             sketch's unbiased Gram instead (``gram.py``); None (default): every Gram exact.
+        compact: compute a layer's per-sample gradients during the backward, as soon as its output
+            gradient arrives, where they are smaller than the input and output gradient they are
+            computed from (norm layers; convolutions over many positions), and drop those: the
+            collect step's peak memory falls by about that much, with the same numbers. False keeps
+            every layer's input and output gradient until the step (needed only to run two
+            backward passes through one forward before a step).
         generic_fallback: cover a module that owns parameters but has no registered sampler (and is
             not a subclass recognised as its parent's math) with exact torch.func per-sample
             gradients of its own parameters (``generic.py``); False leaves such modules to the
@@ -129,6 +135,7 @@ class FNGD(CaptureOptimizer):
         keep_per_sample: int = 2**26,
         generic_fallback: bool = True,
         sketch: int | None = None,
+        compact: bool = True,
         update: str = "sgd",
         beta2: float = 0.999,
         eps: float = 1e-8,
@@ -151,8 +158,11 @@ class FNGD(CaptureOptimizer):
         check_number("dense_tied_limit", dense_tied_limit, minimum=0, integer=True)
         check_number("keep_per_sample", keep_per_sample, minimum=0, integer=True)
         check_flag("generic_fallback", generic_fallback)
+        check_flag("compact", compact)
         check_number("sketch", sketch, minimum=1, integer=True, optional=True)
         self.generic_fallback = generic_fallback  # read by the coverage report in super().__init__
+        self.compact = compact  # and this by the capture it builds
+        self.sketch = sketch
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, update=update,
                         beta2=beta2, eps=eps)
         super().__init__(params, defaults)
@@ -334,6 +344,9 @@ class FNGD(CaptureOptimizer):
         if s["solve_fallbacks"]:
             self._warn_once("fallback", f"FNGD: {s['solve_fallbacks']} Cholesky solves failed and fell back to "
                             "a diagonal solve; consider a larger damping")
+
+    def _compacts(self) -> bool:
+        return self.compact
 
     def _unsupported(self, module: nn.Module) -> str | None:
         reason = unsupported_reason(module)

@@ -297,6 +297,19 @@ class ConvGrads(PerSampleGrads):
     def _tokens(self) -> int:
         return sum(d.shape[2] * d.shape[3] for _, d in self.calls)
 
+    def materializes(self, sketch: int | None = None) -> bool:
+        """Whether gram() materialises the per-sample gradients (and a k x k sketch would not replace it)."""
+        m = self.module
+        if m.groups != 1:
+            return True
+        if sketch is not None:
+            from .gram import sketch_pays
+
+            if sketch_pays(self, sketch):
+                return False
+        T = self._tokens()
+        return not (_use_token_route(self.n, T, self.weight[0].numel(), self.weight.shape[0]) or T <= 256)
+
     def gram(self, keep: bool = False) -> Tensor:
         m = self.module
         p = self.weight[0].numel()
