@@ -22,7 +22,16 @@ from .capture import Call, MicroBatch, ModuleCapture, live_modules
 from .distributed import all_reduce_mean
 from .generic import batch_dim_of, generic_grads, generic_reason, own_params
 from .gram import add_weighted, shared_blocks
-from .samplers import ConvGrads, DenseGrads, PerSampleGrads, SubclassMismatch, find_sampler, override_base, post_reason, subclass_grads
+from .samplers import (
+    ConvGrads,
+    DenseGrads,
+    PerSampleGrads,
+    SubclassMismatch,
+    find_sampler,
+    override_base,
+    post_reason,
+    subclass_grads,
+)
 from .update import adamw_step, global_norm, momentum_step
 
 logger = logging.getLogger("fngd_plugin")

@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test: dict[str, Any] = {}
         if args.test_split:
             if best is None:
-                raise RuntimeError(f"no finite validation top-1 in any epoch: nothing to evaluate on {args.test_split!r}")
+                raise RuntimeError(f"no finite validation top-1 in any epoch: nothing to evaluate on "
+                                   f"{args.test_split!r}")
             test_top1, test_loss = trainer.test(best["model"])
             test = {"test_top1": test_top1, "test_loss": test_loss, "best_epoch": best["epoch"]}
             print(f"test top1 {test_top1:.2f} | test loss {test_loss:.4f} | weights of epoch {best['epoch']} "
