@@ -70,8 +70,10 @@ TASKS = {"resnet18": resnet_task, "transformer": transformer_task}
 
 
 # ------------------------------------------------------------------------------------------- optimizers
-def optimizers(coefficients: list[str]) -> dict[str, Callable]:
-    """name -> factory(params). FNGD 'collect' never leaves epoch 0; 'reuse' leaves it after 1 step."""
+def optimizers(coefficients: list[str], kfac_inverse: str = "cholesky") -> dict[str, Callable]:
+    """name -> factory(params). FNGD 'collect' never leaves epoch 0; 'reuse' leaves it after 1 step.
+    KFAC with ``kfac_inverse`` (default Cholesky: the faster of ours, with explicit factor inverses,
+    as ASDL's; "eigen" applies exact damping to the Kronecker eigenvalues at about twice the cost)."""
     opts: dict[str, Callable] = {
         "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
         "adamw": lambda p: torch.optim.AdamW(p, lr=1e-4),
@@ -79,7 +81,7 @@ def optimizers(coefficients: list[str]) -> dict[str, Callable]:
     for c in coefficients:
         opts[f"fngd-{c} collect"] = lambda p, c=c: FNGD(p, lr=0.01, coefficients=c, steps_per_epoch=BIG)
         opts[f"fngd-{c} reuse"] = lambda p, c=c: FNGD(p, lr=0.01, coefficients=c, steps_per_epoch=1)
-    kf = dict(lr=0.01, max_factor_dim=KFAC_MAX_DIM)
+    kf = dict(lr=0.01, max_factor_dim=KFAC_MAX_DIM, inverse=kfac_inverse)
     for kind, (fac, inv) in KFAC_KINDS.items():
         opts[kind] = lambda p, fac=fac, inv=inv: KFAC(p, factor_update_steps=fac, inv_update_steps=inv, **kf)
     return opts
@@ -91,9 +93,10 @@ def train_step(model, opt, loss_fn) -> None:
     opt.step()
 
 
-def time_steps(task, batch, device, names, rounds, slow_rounds, coefficients, log) -> dict[str, list[float]]:
+def time_steps(task, batch, device, names, rounds, slow_rounds, coefficients, log,
+               kfac_inverse: str = "cholesky") -> dict[str, list[float]]:
     base, loss_fn = TASKS[task](batch, device)
-    factories = optimizers(coefficients)
+    factories = optimizers(coefficients, kfac_inverse)
     runs = {}
     shared_kfac = None
     for name in names:
@@ -154,13 +157,14 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_memory(task: str, batch: int, device: str, name: str, coefficients: list[str]) -> float:
+def child_memory(task: str, batch: int, device: str, name: str, coefficients: list[str],
+                 kfac_inverse: str = "cholesky") -> float:
     """Run in a fresh process: bytes of peak memory growth during steps 2-3 over the state before
     step 1, so optimizer state counts and one-off first steps (FNGD's collect step in a reuse
     configuration, KFAC's first inverses) do not. CPU: resident set size sampled every ms."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model, loss_fn = TASKS[task](batch, device)
-    opt = optimizers(coefficients)[name](model.parameters())
+    opt = optimizers(coefficients, kfac_inverse)[name](model.parameters())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -195,11 +199,11 @@ def child_memory(task: str, batch: int, device: str, name: str, coefficients: li
     return float(max(peak[0], _rss()) - base)
 
 
-def memory_of(task, batch, device, names, coefficients, log) -> dict[str, float]:
+def memory_of(task, batch, device, names, coefficients, log, kfac_inverse: str = "cholesky") -> dict[str, float]:
     out = {}
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", json.dumps([task, batch, device, name,
-                                                                                        coefficients])]
+        spec = json.dumps([task, batch, device, name, coefficients, kfac_inverse])
+        cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", spec]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = float(res.stdout.strip().splitlines()[-1])
         log(f"  memory {task} {name}: {out[name] / 2**20:.0f} MiB")
@@ -255,6 +259,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per configuration")
     ap.add_argument("--tasks", default="resnet18,transformer")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--kfac-inverse", default="cholesky", choices=["cholesky", "eigen"],
+                    help="KFAC's inverses (default: cholesky, the faster of ours)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size of both tasks (default: 32, --full 128/64)")
     ap.add_argument("--out", default="results/benchmark.md")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -272,6 +279,10 @@ def main() -> None:
 
     full = args.full
     sizes = {"resnet18": 128 if full else 32, "transformer": 64 if full else 32}
+    if args.batch is not None:
+        if args.batch < 1:
+            ap.error(f"--batch {args.batch}: must be >= 1")
+        sizes = dict.fromkeys(sizes, args.batch)
     scaling = [32, 64, 128, 256] if full else [16, 32, 64, 128]
     rounds = args.rounds or (20 if full else 5)
     epoch_steps = {"resnet18": 50000 // sizes["resnet18"], "transformer": 29000 // sizes["transformer"]}
@@ -281,17 +292,17 @@ def main() -> None:
               f"{threads} threads. Sizes: ResNet-18 (CIFAR stem) 32x32, 100 classes, batch {sizes['resnet18']}; "
               f"Transformer 3+3 layers, d_model 256, 4 heads, FFN 1024, vocab 8000 (tied decoder embeddings), "
               f"batch {sizes['transformer']} sentences x 30 tokens. Medians over {rounds} interleaved rounds "
-              f"(KFAC inverse step: 2). KFAC: eigen inverses, float32, layers with a factor above {KFAC_MAX_DIM} "
-              f"left to SGD (the Transformer's 8000-way output projection).", ""]
+              f"(KFAC inverse step: 2). KFAC: {args.kfac_inverse} inverses, float32, layers with a factor above "
+              f"{KFAC_MAX_DIM} left to SGD (the Transformer's 8000-way output projection).", ""]
     sections = []
     for task in args.tasks.split(","):
         coefficients = ["network", "layer"]
         names = list(optimizers(coefficients))
         log(f"timing {task}")
-        times = time_steps(task, sizes[task], args.device, names, rounds, 2, coefficients, log)
+        times = time_steps(task, sizes[task], args.device, names, rounds, 2, coefficients, log, args.kfac_inverse)
         memory = {} if args.no_memory else memory_of(task, sizes[task], args.device,
                                                      ["sgd", "adamw", *[n for n in names if n.startswith("fngd")],
-                                                      "kfac plain"], coefficients, log)
+                                                      "kfac plain"], coefficients, log, args.kfac_inverse)
         sections.append(summarize(task, sizes[task], times, memory, epoch_steps[task], coefficients))
         grams = {b: gram_costs(task, b, args.device, log) for b in scaling}
         types = sorted({k for g in grams.values() for k in g})
