@@ -8,7 +8,11 @@ each per round) so that drifting machine load hits all alike; medians over round
 come in three kinds (plain preconditioning, +factor update, +inverse update); each is timed and
 the 10/100 schedule's amortised step is t_plain + (t_factor - t_plain)/10 + (t_inverse - t_plain)/100.
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak resident-set growth
-of one child process per configuration (the CPU allocator has no peak counter).
+of one child process per configuration (the CPU allocator has no peak counter), twice: "live",
+with glibc's mmap threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_), so every freed tensor goes back
+to the system and the resident set follows the live tensors, the CPU analogue of the GPU
+number; and "resident", with glibc's defaults, which also holds freed heap that glibc keeps
+(it depends on the order of allocations, not only on what is alive).
 """
 
 from __future__ import annotations
@@ -199,14 +203,24 @@ def child_memory(task: str, batch: int, device: str, name: str, coefficients: li
     return float(max(peak[0], _rss()) - base)
 
 
-def memory_of(task, batch, device, names, coefficients, log, kfac_inverse: str = "cholesky") -> dict[str, float]:
-    out = {}
-    for name in names:
-        spec = json.dumps([task, batch, device, name, coefficients, kfac_inverse])
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", spec]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[name] = float(res.stdout.strip().splitlines()[-1])
-        log(f"  memory {task} {name}: {out[name] / 2**20:.0f} MiB")
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: freed blocks of 64 KiB and more go back at once
+
+
+def memory_of(task, batch, device, names, coefficients, log,
+              kfac_inverse: str = "cholesky") -> dict[str, dict[str, float]]:
+    """{"live": {name: bytes}, "resident": {...}} (a GPU: "live" only, from the CUDA allocator)."""
+    out: dict[str, dict[str, float]] = {}
+    for kind, extra in (("live", LIVE_ENV), ("resident", None)):
+        if kind == "resident" and device.startswith("cuda"):
+            continue
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        env.update(extra or {})
+        for name in names:
+            spec = json.dumps([task, batch, device, name, coefficients, kfac_inverse])
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", spec]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            out.setdefault(kind, {})[name] = float(res.stdout.strip().splitlines()[-1])
+            log(f"  memory ({kind}) {task} {name}: {out[kind][name] / 2**20:.0f} MiB")
     return out
 
 
@@ -223,13 +237,20 @@ def summarize(task, batch, times, memory, epoch_steps, coefficients) -> str:
     med["kfac 10/100 (amortised)"] = plain + (fac - plain) / 10 + (inv - plain) / 100
     med["kfac every step"] = fac + inv - plain
     sgd = med["sgd"]
+    kinds = list(memory)
+
+    def mem_of(kind: str, name: str) -> str:
+        m = memory[kind]
+        if name not in m or "sgd" not in m:
+            return ""
+        return f"{m[name] / 2**20:.0f} MiB ({m[name] / m['sgd']:.2f}x)"
+
     rows = []
     for name, t in med.items():
-        mem = memory.get(name)
-        mem_s = "" if mem is None or "sgd" not in memory else f"{mem / 2**20:.0f} MiB ({mem / memory['sgd']:.2f}x)"
-        rows.append([name, f"{t * 1000:.1f}", f"{t / sgd:.2f}x", len(times.get(name, [])) or "derived", mem_s])
-    out = [f"### {task}, batch {batch}", "",
-           fmt_table(["step", "median ms", "vs SGD", "rounds", "peak memory growth (vs SGD)"], rows), ""]
+        rows.append([name, f"{t * 1000:.1f}", f"{t / sgd:.2f}x", len(times.get(name, [])) or "derived",
+                     *[mem_of(k, name) for k in kinds]])
+    headers = ["step", "median ms", "vs SGD", "rounds", *[f"peak memory growth, {k} (vs SGD)" for k in kinds]]
+    out = [f"### {task}, batch {batch}", "", fmt_table(headers, rows), ""]
     erows = [["SGD", f"{epoch_steps * sgd:.1f}", "1.00x"]]
     for c in coefficients:
         erows.append([f"FNGD-{c} collect epoch", f"{epoch_steps * med[f'fngd-{c} collect']:.1f}",

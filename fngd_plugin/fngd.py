@@ -420,7 +420,7 @@ class FNGD(CaptureOptimizer):
             low = any(c.delta is not None and c.delta.dtype in (torch.bfloat16, torch.float16)
                       for mb, _ in live for calls in mb.calls.values() for c in calls)
             self._check_capture(per_mb, kappa, tolerance=0.1 if low else 1e-2)
-        out: dict[int, tuple[Tensor, Tensor]] = {}
+        out = self._seed_directions(live)
         totals: list[Tensor] = []  # sum_i c_i per block, weighted n_m / N (the scale of uncovered gradients)
         for (mb, blocks), n in zip(live, ns):
             if mb.dummy:  # zero contribution, same blocks: the all-reduce below stays matched
@@ -433,6 +433,23 @@ class FNGD(CaptureOptimizer):
             else:
                 totals += self._layer_reuse_step(blocks, looked, n, N, kappa, out)
         self._write_directions(out, totals, kappa)
+
+    @staticmethod
+    def _seed_directions(live: list[tuple[MicroBatch, dict[int, list[PerSampleGrads]]]]
+                         ) -> dict[int, tuple[Tensor, Tensor]]:
+        """The accumulators of the directions: the covered gradients' own storage, zeroed (their
+        values are not needed once the scale is measured and the capture checked), so the step
+        holds no second full-size copy of them; low-precision gradients get a float32 one."""
+        out: dict[int, tuple[Tensor, Tensor]] = {}
+        for _, blocks in live:
+            for reps in blocks.values():
+                for r in reps:
+                    for p in r.params:
+                        g = p.grad
+                        if (id(p) not in out and g is not None and g.layout == torch.strided
+                                and g.dtype in (torch.float32, torch.float64)):
+                            out[id(p)] = (p, g.zero_())
+        return out
 
     def _collect_step(self, mb: MicroBatch, blocks: dict[int, list[PerSampleGrads]], n: int, N: int, kappa: Tensor,
                       out: dict[int, tuple[Tensor, Tensor]]) -> list[Tensor]:

@@ -52,7 +52,14 @@ def add_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Ten
     """out[id(p)] += sum_i w_i g_i(p) for every parameter p of the block (shared ones summed)."""
     for r in reps:
         for p, g in zip(r.params, r.weighted(w)):
-            out[id(p)] = (p, out[id(p)][1] + g) if id(p) in out else (p, g)
+            if id(p) not in out:
+                out[id(p)] = (p, g)
+                continue
+            acc = out[id(p)][1]
+            if torch.promote_types(acc.dtype, g.dtype) == acc.dtype:
+                acc.add_(g.reshape_as(acc))  # in place: no second full-size copy per parameter
+            else:
+                out[id(p)] = (p, acc + g.reshape_as(acc))
 
 
 # elements of the token route's n T_e x (n T_e + n T_l) matrices it may hold (else: the rows route)
