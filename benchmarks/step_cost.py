@@ -135,9 +135,10 @@ def time_steps(task, batch, device, names, rounds, slow_rounds, coefficients, lo
 
 
 def gram_costs(task, batch, device, log) -> dict[str, float]:
-    """Seconds per Gram, summed per layer type, for one captured batch (coefficients=network)."""
+    """Seconds per Gram, summed per layer type, for one captured batch (coefficients=network);
+    compact=False, so that a layer compacted during the backward counts its per-sample gradients here."""
     model, loss_fn = TASKS[task](batch, device)
-    opt = FNGD(model.parameters(), lr=0.0, reuse="off")
+    opt = FNGD(model.parameters(), lr=0.0, reuse="off", compact=False)
     opt.zero_grad()
     loss_fn(model).backward()
     mb = [b for b in opt._capture.pending if b.backward_seen][0]
