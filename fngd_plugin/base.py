@@ -348,7 +348,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 size = rep.cache_size() * rep.weight.element_size()
                 grads = rep.materialize() if size < raw else None
             elif isinstance(rep, DenseGrads):
-                grads = rep.grads if sum(g.numel() * g.element_size() for g in rep.grads) < raw else None
+                grads = rep.grads if sum(g.numel() * g.element_size() for g in rep.grads) <= raw else None
             else:
                 return
         except Exception:  # noqa: BLE001 -- left to the step, which names the module in its error

@@ -175,7 +175,6 @@ class FNGD(CaptureOptimizer):
         self.max_update_norm = max_update_norm
         self.dense_tied_limit = dense_tied_limit
         self.keep_per_sample = keep_per_sample
-        self.sketch = sketch
         self._solves_in_step = 0  # Grams drawn in the current step (seeds of their sketches)
 
         self.store = CoefficientStore(reuse) if reuse != "off" else None

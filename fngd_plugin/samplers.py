@@ -299,24 +299,27 @@ class ConvGrads(PerSampleGrads):
 
     def materializes(self, sketch: int | None = None) -> bool:
         """Whether gram() materialises the per-sample gradients (and a k x k sketch would not replace it)."""
-        m = self.module
-        if m.groups != 1:
-            return True
         if sketch is not None:
             from .gram import sketch_pays
 
             if sketch_pays(self, sketch):
                 return False
+        return self._gram_route() == "materialize"
+
+    def _gram_route(self) -> str:
+        """"token", "chunked" (both from unfolded patches) or "materialize" (grouped convolution)."""
         T = self._tokens()
-        return not (_use_token_route(self.n, T, self.weight[0].numel(), self.weight.shape[0]) or T <= 256)
+        if self.module.groups == 1 and _use_token_route(self.n, T, self.weight[0].numel(), self.weight.shape[0]):
+            return "token"
+        if self.module.groups == 1 and T <= 256:  # measured: unfold + blocked bmm beats the grouped convolution
+            return "chunked"
+        return "materialize"
 
     def gram(self, keep: bool = False) -> Tensor:
-        m = self.module
-        p = self.weight[0].numel()
-        T = self._tokens()
-        if m.groups == 1 and _use_token_route(self.n, T, p, self.weight.shape[0]):
+        route = self._gram_route()
+        if route == "token":
             return _token_gram(*self.kron_factors(), self.bias is not None)
-        if m.groups == 1 and T <= 256:  # measured: unfold + blocked bmm beats the grouped convolution here
+        if route == "chunked":
             return _chunked_gram(*self.kron_factors(), self.bias is not None)
         grads = self.materialize()
         if keep:

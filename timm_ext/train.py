@@ -255,7 +255,7 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def best_state(self) -> dict[str, Tensor]:
+    def weights(self) -> dict[str, Tensor]:
         """A copy of the weights (every rank keeps its own: no file read across ranks)."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -266,7 +266,7 @@ class Trainer:
 
     def test(self, state: dict[str, Tensor]) -> tuple[float, float]:
         """(top-1, loss) of the weights ``state`` on the test split; the trained weights are restored."""
-        last = self.best_state()
+        last = self.weights()
         self.model.load_state_dict(state)
         try:
             return self.evaluate(self.test_loader)
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             opt_time += seconds
             wall += time.perf_counter() - t_epoch
             if args.test_split and math.isfinite(top1) and (best is None or top1 > best["top1"]):
-                best = {"epoch": epoch + 1, "top1": top1, "model": trainer.best_state()}
+                best = {"epoch": epoch + 1, "top1": top1, "model": trainer.weights()}
                 if main_rank:  # before the checkpoint: a resume from it finds the best so far
                     trainer.save_best(best_path, best["model"], epoch + 1, top1)
             if main_rank:
