@@ -43,6 +43,7 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --out results/benchmark.md
+	$(PY) benchmarks/collect_profile.py --out results/collect_profile.md
 	$(PY) benchmarks/fallback_cost.py --out results/fallback_cost.md
 	$(PY) benchmarks/sketch_cost.py --out results/sketch_cost.md
 	$(PY) benchmarks/peers.py --quick --out results/peers.md

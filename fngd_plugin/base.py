@@ -147,9 +147,12 @@ class CaptureOptimizer(torch.optim.Optimizer):
             self._unengaged(cause)
         self._capture.eval_forwards = 0
         self._engaged = False
-        self._precondition([mb for mb in taken if mb.capture])
+        tag = type(self).__name__.lower()  # the phases' names in torch.profiler traces
+        with torch.profiler.record_function(f"{tag}.precondition"):
+            self._precondition([mb for mb in taken if mb.capture])
         self._note_step(taken, cause)
-        self._update(self.max_update_norm)
+        with torch.profiler.record_function(f"{tag}.update"):
+            self._update(self.max_update_norm)
         return loss
 
     def _note_step(self, taken: list[MicroBatch], cause: str | None) -> None:
@@ -314,6 +317,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
             if parts is None:
                 continue
             reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
+            reps[module].label = type(module).__name__
         sizes = {r.n for r in reps.values()}
         if len(sizes) > 1:
             detail = ", ".join(f"{type(m).__name__}: {r.n}" for m, r in reps.items())
@@ -340,6 +344,10 @@ class CaptureOptimizer(torch.optim.Optimizer):
             return
         raw = call.a.numel() * call.a.element_size() + call.delta.numel() * call.delta.element_size()
         bd = self._capture.batch_dims.get(module, 0)
+        with torch.profiler.record_function(f"fngd.compact.{type(module).__name__}"):
+            self._compact(module, call, bd, raw)
+
+    def _compact(self, module: nn.Module, call: Call, bd: int, raw: int) -> None:
         try:
             rep = find_sampler(module)(module, call.a, call.delta, bd, call.meta)  # type: ignore[misc]
             if isinstance(rep, ConvGrads):

@@ -60,6 +60,16 @@ UPDATE_MODES = ("sgd", "adamw")
 NETWORK_BLOCK = -1
 
 
+def _label(reps: list[PerSampleGrads]) -> str:
+    """A block's name in profiler traces: its module types ("Embedding+Linear" for a tied table)."""
+    return "+".join(sorted({r.label for r in reps}))
+
+
+def _weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Tensor, Tensor]]) -> None:
+    with torch.profiler.record_function(f"fngd.weighted.{_label(reps)}"):
+        add_weighted(reps, w, out)
+
+
 class FNGD(CaptureOptimizer):
     """Fast Natural Gradient Descent.
 
@@ -414,11 +424,13 @@ class FNGD(CaptureOptimizer):
         per_mb = [blocks for _, blocks in live]
         ns = [next(iter(blocks.values()))[0].n for blocks in per_mb]
         N = sum(n for (mb, _), n in zip(live, ns) if not mb.dummy)
-        kappa = self._measure_scale(per_mb)
+        with torch.profiler.record_function("fngd.scale"):
+            kappa = self._measure_scale(per_mb)
         if not self._checked_capture:
             low = any(c.delta is not None and c.delta.dtype in (torch.bfloat16, torch.float16)
                       for mb, _ in live for calls in mb.calls.values() for c in calls)
-            self._check_capture(per_mb, kappa, tolerance=0.1 if low else 1e-2)
+            with torch.profiler.record_function("fngd.check_capture"):
+                self._check_capture(per_mb, kappa, tolerance=0.1 if low else 1e-2)
         out = self._seed_directions(live)
         totals: list[Tensor] = []  # sum_i c_i per block, weighted n_m / N (the scale of uncovered gradients)
         for (mb, blocks), n in zip(live, ns):
@@ -469,12 +481,12 @@ class FNGD(CaptureOptimizer):
                 K = Kb if K is None else K + Kb
             c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
             for reps in blocks.values():
-                add_weighted(reps, w * c, out)
+                _weighted(reps, w * c, out)
             return [(n / N) * c.sum()]
         totals = []
         for key, reps in blocks.items():  # one block at a time: its per-sample gradients are dropped before the next
             c = self._solve(self._block_gram(reps, keep=True, key=key), unit, mb, key, share=1.0 / len(blocks))
-            add_weighted(reps, w * c, out)
+            _weighted(reps, w * c, out)
             totals.append((n / N) * c.sum() / len(blocks))
         return totals
 
@@ -483,7 +495,7 @@ class FNGD(CaptureOptimizer):
         """One micro-batch's layer reuse step: each block's per-sample gradients weighted by its
         stored coefficients (arguments as in :meth:`_collect_step`)."""
         for key, reps in blocks.items():
-            add_weighted(reps, n * kappa * looked[key], out)
+            _weighted(reps, n * kappa * looked[key], out)
         share = 1.0 if self.coefficients == "network" else 1.0 / len(blocks)
         return [(n / N) * share * c.sum() for c in {id(c): c for c in looked.values()}.values()]
 
@@ -508,7 +520,8 @@ class FNGD(CaptureOptimizer):
         if self.sketch is not None:  # a fresh sketch per solve and block, the same after a resume
             sketch = (self.sketch, hash((self.step_counts["collect"], self._solves_in_step, key)) & (2**62 - 1))
             self._solves_in_step += 1
-        K, dropped = block_gram(reps, keep=keep, dense_limit=self.dense_tied_limit, sketch=sketch)
+        with torch.profiler.record_function(f"fngd.gram.{_label(reps)}"):
+            K, dropped = block_gram(reps, keep=keep, dense_limit=self.dense_tied_limit, sketch=sketch)
         if dropped:
             self._add("tied_approx", torch.ones((), dtype=torch.float64))
             self._warn_once("tied", "FNGD: a parameter shared between modules is too large for an exact Gram; "
@@ -529,7 +542,8 @@ class FNGD(CaptureOptimizer):
         """Coefficients in true units for a raw Gram; statistics and the store are updated here."""
         n = K.shape[0]
         device = unit.device
-        c, fell_back = solve_coefficients(K.to(torch.float64) * unit, self.damping, self.damping_mode)
+        with torch.profiler.record_function("fngd.solve"):
+            c, fell_back = solve_coefficients(K.to(torch.float64) * unit, self.damping, self.damping_mode)
         self._add("fallbacks", fell_back.to(torch.float64))
         # n * mean(c) is 1/lambda-like (large = weak damping); std(c)/mean(c) is how far the
         # weighting is from plain averaging

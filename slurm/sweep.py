@@ -38,7 +38,8 @@ multiplies everything::
 A task can take its settings and optimizers from a tuning result (``python -m fngd_slurm tune``,
 see fngd_slurm.tune) instead: ``tuned = "docs/tuning/tune.json"`` runs every optimizer's chosen
 configuration with the tuned task's own settings (kind, data, epochs, args: none may be given
-beside it); ``tuned = { result = "...", optimizers = ["fngd"] }`` only those; a variant table
+beside it); ``tuned = { result = "...", optimizers = ["fngd"] }`` only those (``[]``: none, only the
+variants that follow); a variant table
 ``[tasks.X.optimizers."fngd:layer"]`` then changes only the options it names in fngd's chosen
 configuration (an ablation of the tuned configuration).
 
@@ -283,11 +284,13 @@ def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     where = f"tasks.{name}.tuned"
     tuned = spec["tuned"]
     only = None
-    if isinstance(tuned, dict):  # {result = "...", optimizers = ["fngd"]}: only those chosen ones
+    if isinstance(tuned, dict):  # {result = "...", optimizers = ["fngd"]}: only those chosen ones ([]: none)
         err.keys(where, tuned, {"result", "optimizers"})
         only = tuned.get("optimizers")
-        if not (isinstance(only, list) and only and all(isinstance(o, str) for o in only)):
-            err.fail(f"{where}.optimizers", f"{only!r}: expected a non-empty list of optimizer names")
+        if not (isinstance(only, list) and all(isinstance(o, str) for o in only)):
+            err.fail(f"{where}.optimizers", f"{only!r}: expected a list of optimizer names")
+        if not only and not spec.get("optimizers"):
+            err.fail(f"{where}.optimizers", "[] runs only the variants of this task's table, and it names none")
         tuned = tuned.get("result")
     source = err.typed(where if only is None else f"{where}.result", tuned, str)
     try:

@@ -1,0 +1,272 @@
+"""Where FNGD's collect step spends its time and memory at the batch sizes people train with.
+
+    python benchmarks/collect_profile.py            # CPU sizes (about 15 minutes on 2 cores)
+    python benchmarks/collect_profile.py --full     # GPU sizes
+
+For each model and batch: an SGD step, FNGD's exact collect step and its sketched collect step
+(``sketch=k``), each in a fresh child process: one warm-up step, timed steps (medians), one step
+under torch.profiler, then one step for peak memory growth ("live" as in step_cost.py: glibc's
+mmap threshold at 64 KiB, set after the timed steps; torch.cuda.max_memory_allocated over the
+timed steps on a GPU). The profiler's ``fngd.*`` ranges
+(the labels FNGD puts on its phases: ``fngd.compact.<layer>`` inside the backward,
+``fngd.gram.<layer>``, ``fngd.solve``, ``fngd.weighted.<layer>``, ``fngd.update``) give the
+breakdown. Shares are of the profiled step (the profiler adds its own overhead); the headline
+times are the unprofiled medians. On a GPU the ranges are CPU-side: ``--device cuda`` syncs
+around each timed step, not around each range.
+
+Sizes (CPU): CIFAR ResNet-18 batch 128 at 32x32; timm ResNet-50 batch 128 at 64x64 (100
+classes); the 3+3-layer d256 Transformer and a 6+6-layer d512 ("base") one, both vocab 8000 with
+tied decoder embeddings, at 136 sentences x 30 tokens (4080 target tokens: fairseq's
+``--max-tokens 4096``). ``--full``: ResNet-18 batch 256, ResNet-50 batch 128 at 224x224, the same
+Transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import Seq2Seq, seq2seq_batch, seq2seq_loss  # noqa: E402
+from step_cost import BIG, _rss, fmt_table, sync, train_step, write_report  # noqa: E402
+
+from fngd_plugin import FNGD  # noqa: E402
+
+
+def image_task(name: str, batch: int, size: int, device: str):
+    import timm
+
+    from timm_ext import cifar_resnet18  # noqa: F401  (registers the sweeps' CIFAR ResNet-18 in timm)
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=100).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 100, (batch,), generator=g).to(device)
+    return model, lambda m: F.cross_entropy(m(x), y, label_smoothing=0.1)
+
+
+def seq_task(batch: int, device: str, **size):
+    torch.manual_seed(0)
+    model = Seq2Seq(vocab=8000, **size).to(device)
+    data = seq2seq_batch(batch, 30, 8000, device=device)
+    return model, lambda m: seq2seq_loss(m, data)
+
+
+SMALL = dict(d=256, heads=4, ffn=1024, layers=3)
+BASE = dict(d=512, heads=8, ffn=2048, layers=6)
+
+
+def configs(full: bool) -> dict[str, tuple[str, dict]]:
+    """name -> (description, spec)."""
+    return {
+        "resnet18": (f"CIFAR ResNet-18, batch {256 if full else 128}, 32x32",
+                     dict(kind="image", name="cifar_resnet18", batch=256 if full else 128, size=32)),
+        "resnet50": (f"timm ResNet-50, batch 128, {224 if full else 64}x{224 if full else 64}",
+                     dict(kind="image", name="resnet50", batch=128, size=224 if full else 64)),
+        "transformer": ("Transformer 3+3 d256, 136 x 30 tokens", dict(kind="seq", batch=136, size=SMALL)),
+        "transformer-base": ("Transformer 6+6 d512, 136 x 30 tokens", dict(kind="seq", batch=136, size=BASE)),
+    }
+
+
+def build(spec: dict, device: str):
+    if spec["kind"] == "image":
+        return image_task(spec["name"], spec["batch"], spec["size"], device)
+    return seq_task(spec["batch"], device, **spec["size"])
+
+
+def make_opt(which: str, params, sketch: int):
+    if which == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return FNGD(params, lr=0.01, steps_per_epoch=BIG, sketch=sketch if which == "sketch" else None)
+
+
+def breakdown(prof, step_us: float) -> dict[str, float]:
+    """ms per fngd.* range of one profiled step (inclusive of what runs inside it)."""
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.key.startswith("fngd."):
+            out[ev.key] = ev.cpu_time_total / 1000.0
+    out["step"] = step_us / 1000.0
+    return out
+
+
+def _watch_rss():
+    """Start sampling the resident set every ms; returns stop() -> peak bytes."""
+    peak = [_rss()]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+
+    def stop() -> int:
+        done.set()
+        watcher.join()
+        return max(peak[0], _rss())
+
+    return stop
+
+
+def child(spec: dict, which: str, device: str, rounds: int, sketch: int) -> dict:
+    """One configuration in this (fresh) process: a warm-up step, timed steps and a profiled step
+    with the allocator's defaults, then (CPU) one more step for peak memory growth with freed
+    blocks of 64 KiB and more returned at once (glibc's mmap threshold, set only now: it slows
+    every large allocation down, up to 5x on the base Transformer, so no timed step runs with it)."""
+    model, loss_fn = build(spec, device)
+    opt = make_opt(which, model.parameters(), sketch)
+    cuda = device.startswith("cuda")
+    base = torch.cuda.memory_allocated() if cuda else _rss()
+    train_step(model, opt, loss_fn)  # warm-up (FNGD: its first collect step checks the capture)
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        train_step(model, opt, loss_fn)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        train_step(model, opt, loss_fn)
+        sync(device)
+        step_us = (time.perf_counter() - t0) * 1e6
+    if cuda:
+        mem = torch.cuda.max_memory_allocated() - base
+    else:
+        import ctypes
+        import gc
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: the "live" measure of step_cost.py
+        gc.collect()
+        libc.malloc_trim(0)
+        stop = _watch_rss()
+        train_step(model, opt, loss_fn)
+        mem = stop() - base
+    if isinstance(opt, FNGD) and not opt.in_collect_phase:
+        raise RuntimeError("expected every timed FNGD step to be a collect step")
+    return {"times": times, "memory": float(mem), "profile": breakdown(prof, step_us)}
+
+
+def run_child(spec: dict, which: str, device: str, rounds: int, sketch: int, threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env["BENCH_THREADS"] = str(threads)
+    arg = json.dumps([spec, which, device, rounds, sketch])
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", arg],
+                         capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"{which} on {spec} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def phase_rows(prof: dict) -> list[list[str]]:
+    """Collect-step breakdown: forward+backward (host's), compaction within it, Gram / weighted sum
+    per layer type, solve, update (ms and share of the profiled step)."""
+    step = prof["step"]
+    pre = prof.get("fngd.precondition", 0.0)
+    upd = prof.get("fngd.update", 0.0)
+    compact = sum(v for k, v in prof.items() if k.startswith("fngd.compact."))
+    rows = [["forward + backward (host's)", step - pre - upd],
+            ["  of which compaction in the backward", compact]]
+    for prefix, what in (("fngd.gram.", "Gram"), ("fngd.weighted.", "weighted sum")):
+        for k in sorted((k for k in prof if k.startswith(prefix)), key=lambda k: -prof[k]):
+            rows.append([f"{what}, {k[len(prefix):]}", prof[k]])
+    for k, what in (("fngd.solve", "solve"), ("fngd.scale", "gradient scale"), ("fngd.update", "update")):
+        if k in prof:
+            rows.append([what, prof[k]])
+    return [[name, f"{ms:.1f}", f"{100 * ms / step:.1f}%"] for name, ms in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="GPU sizes (ResNet-50 at 224x224, ResNet-18 batch 256)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default=",".join(configs(False)), help="comma-separated, from: "
+                    + ", ".join(configs(False)))
+    ap.add_argument("--rounds", type=int, default=None, help="timed steps per configuration (default 2, --full 10)")
+    ap.add_argument("--sketch", type=int, default=32, help="k of the sketched collect step (default 32)")
+    ap.add_argument("--out", default="results/collect_profile.md")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="fngd_plugin")
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
+    if args.child:
+        print(json.dumps(child(*json.loads(args.child))))
+        return
+    known = configs(args.full)
+    models = args.models.split(",")
+    bad = [m for m in models if m not in known]
+    if bad:
+        ap.error(f"--models: unknown {', '.join(bad)} (known: {', '.join(known)})")
+    if args.sketch < 1:
+        ap.error(f"--sketch {args.sketch}: must be >= 1")
+    rounds = args.rounds or (10 if args.full else 2)
+    if rounds < 1:
+        ap.error(f"--rounds {rounds}: must be >= 1")
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    mem_kind = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else \
+        "resident-set growth with glibc's mmap threshold at 64 KiB (live)"
+    text = [f"# FNGD collect step at training batch sizes ({'full' if args.full else 'CPU-sized'} run)", "",
+            f"Machine: {device_name} ({args.device}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{threads} threads. Each configuration in its own process: 1 warm-up step, medians of {rounds} "
+            f"timed steps, one profiled step for the breakdown, then peak memory growth ({mem_kind}) of one "
+            f"more step. FNGD defaults (coefficients='network', exact Grams); sketched: sketch={args.sketch}.",
+            ""]
+    summary = []
+    for name in models:
+        desc, spec = known[name]
+        res = {}
+        for which in ("sgd", "exact", "sketch"):
+            log(f"{name}: {which}")
+            res[which] = run_child(spec, which, args.device, rounds, args.sketch, threads)
+            log(f"{name}: {which} {statistics.median(res[which]['times']):.2f} s, "
+                f"{res[which]['memory'] / 2**20:.0f} MiB")
+        sgd_t = statistics.median(res["sgd"]["times"])
+        sgd_m = res["sgd"]["memory"]
+        rows = []
+        for which, label in (("sgd", "SGD"), ("exact", "FNGD collect, exact"),
+                             ("sketch", f"FNGD collect, sketch={args.sketch}")):
+            t = statistics.median(res[which]["times"])
+            m = res[which]["memory"]
+            rows.append([label, f"{t * 1000:.0f}", f"{t / sgd_t:.2f}x", f"{m / 2**20:.0f} MiB", f"{m / sgd_m:.2f}x"])
+            if which != "sgd":
+                summary.append([desc, label, f"{t / sgd_t:.2f}x", f"{m / sgd_m:.2f}x"])
+        text += [f"## {desc}", "", fmt_table(["step", "median ms", "vs SGD", "peak memory growth", "vs SGD"], rows),
+                 "", "Where the exact collect step's time goes (one profiled step):", "",
+                 fmt_table(["phase", "ms", "share"], phase_rows(res["exact"]["profile"])), "",
+                 f"And the sketched one's (sketch={args.sketch}):", "",
+                 fmt_table(["phase", "ms", "share"], phase_rows(res["sketch"]["profile"])), ""]
+        print("\n".join(text[-12:]), flush=True)
+    text += ["## Summary", "", "Targets: collect step <= 2.0x SGD (aim 1.5x), peak memory <= 1.5x SGD.", "",
+             fmt_table(["model, batch", "collect step", "time vs SGD", "memory vs SGD"], summary), ""]
+    write_report(args.out, "\n".join(text), t_start)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
