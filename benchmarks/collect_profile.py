@@ -4,10 +4,11 @@
     python benchmarks/collect_profile.py --full     # GPU sizes
 
 For each model and batch: an SGD step, FNGD's exact collect step and its sketched collect step
-(``sketch=k``), each in a fresh child process: one warm-up step, timed steps (medians), one step
-under torch.profiler, then one step for peak memory growth ("live" as in step_cost.py: glibc's
-mmap threshold at 64 KiB, set after the timed steps; torch.cuda.max_memory_allocated over the
-timed steps on a GPU). The profiler's ``fngd.*`` ranges
+(``sketch=k``), each timed in a fresh child process: one warm-up step, timed steps (medians), one
+step under torch.profiler; on a CPU peak memory comes from a second fresh child ("live", as in
+step_cost.py: glibc's mmap threshold at 64 KiB, which slows large allocations down too much to
+time anything with it; the second step's growth over the state before the first); on a GPU
+torch.cuda.max_memory_allocated over the timed steps. The profiler's ``fngd.*`` ranges
 (the labels FNGD puts on its phases: ``fngd.compact.<layer>`` inside the backward,
 ``fngd.gram.<layer>``, ``fngd.solve``, ``fngd.weighted.<layer>``, ``fngd.update``) give the
 breakdown. Shares are of the profiled step (the profiler adds its own overhead); the headline
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import Seq2Seq, seq2seq_batch, seq2seq_loss  # noqa: E402
-from step_cost import BIG, _rss, fmt_table, sync, train_step, write_report  # noqa: E402
+from step_cost import BIG, LIVE_ENV, _rss, fmt_table, sync, train_step, write_report  # noqa: E402
 
 from fngd_plugin import FNGD  # noqa: E402
 
@@ -102,36 +103,12 @@ def breakdown(prof, step_us: float) -> dict[str, float]:
     return out
 
 
-def _watch_rss():
-    """Start sampling the resident set every ms; returns stop() -> peak bytes."""
-    peak = [_rss()]
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-
-    def stop() -> int:
-        done.set()
-        watcher.join()
-        return max(peak[0], _rss())
-
-    return stop
-
-
 def child(spec: dict, which: str, device: str, rounds: int, sketch: int) -> dict:
-    """One configuration in this (fresh) process: a warm-up step, timed steps and a profiled step
-    with the allocator's defaults, then (CPU) one more step for peak memory growth with freed
-    blocks of 64 KiB and more returned at once (glibc's mmap threshold, set only now: it slows
-    every large allocation down, up to 5x on the base Transformer, so no timed step runs with it)."""
+    """Time one configuration in this (fresh) process: a warm-up step, timed steps, a profiled step."""
     model, loss_fn = build(spec, device)
     opt = make_opt(which, model.parameters(), sketch)
     cuda = device.startswith("cuda")
-    base = torch.cuda.memory_allocated() if cuda else _rss()
+    base = torch.cuda.memory_allocated() if cuda else 0
     train_step(model, opt, loss_fn)  # warm-up (FNGD: its first collect step checks the capture)
     sync(device)
     if cuda:
@@ -143,35 +120,51 @@ def child(spec: dict, which: str, device: str, rounds: int, sketch: int) -> dict
         train_step(model, opt, loss_fn)
         sync(device)
         times.append(time.perf_counter() - t0)
+    mem = float(torch.cuda.max_memory_allocated() - base) if cuda else None
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         train_step(model, opt, loss_fn)
         sync(device)
         step_us = (time.perf_counter() - t0) * 1e6
-    if cuda:
-        mem = torch.cuda.max_memory_allocated() - base
-    else:
-        import ctypes
-        import gc
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: the "live" measure of step_cost.py
-        gc.collect()
-        libc.malloc_trim(0)
-        stop = _watch_rss()
-        train_step(model, opt, loss_fn)
-        mem = stop() - base
     if isinstance(opt, FNGD) and not opt.in_collect_phase:
         raise RuntimeError("expected every timed FNGD step to be a collect step")
-    return {"times": times, "memory": float(mem), "profile": breakdown(prof, step_us)}
+    return {"times": times, "memory": mem, "profile": breakdown(prof, step_us)}
 
 
-def run_child(spec: dict, which: str, device: str, rounds: int, sketch: int, threads: int) -> dict:
+def child_memory(spec: dict, which: str, device: str, rounds: int, sketch: int) -> dict:
+    """CPU, in a fresh process started with glibc's mmap threshold at 64 KiB (freed tensors go
+    back to the system at once, so the resident set follows what is live: step_cost.py's "live"
+    measure): peak resident-set growth of the second step over the state before the first."""
+    model, loss_fn = build(spec, device)
+    opt = make_opt(which, model.parameters(), sketch)
+    base = _rss()
+    train_step(model, opt, loss_fn)
+    peak = [_rss()]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    train_step(model, opt, loss_fn)
+    done.set()
+    watcher.join()
+    return {"memory": float(max(peak[0], _rss()) - base)}
+
+
+def run_child(spec: dict, which: str, device: str, rounds: int, sketch: int, threads: int,
+              memory: bool = False) -> dict:
+    """``memory``: the live-memory child (its allocator setting slows large allocations down, up to
+    5x on the base Transformer, so no timed step runs with it)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env.update(LIVE_ENV if memory else {})
     env["BENCH_THREADS"] = str(threads)
     arg = json.dumps([spec, which, device, rounds, sketch])
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", arg],
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory" if memory else "--child", arg],
                          capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{which} on {spec} failed:\n{res.stderr[-3000:]}")
@@ -206,12 +199,14 @@ def main() -> None:
     ap.add_argument("--sketch", type=int, default=32, help="k of the sketched collect step (default 32)")
     ap.add_argument("--out", default="results/collect_profile.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="fngd_plugin")
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
-    if args.child:
-        print(json.dumps(child(*json.loads(args.child))))
+    if args.child or args.child_memory:
+        fn, arg = (child, args.child) if args.child else (child_memory, args.child_memory)
+        print(json.dumps(fn(*json.loads(arg))))
         return
     known = configs(args.full)
     models = args.models.split(",")
@@ -234,8 +229,9 @@ def main() -> None:
     text = [f"# FNGD collect step at training batch sizes ({'full' if args.full else 'CPU-sized'} run)", "",
             f"Machine: {device_name} ({args.device}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{threads} threads. Each configuration in its own process: 1 warm-up step, medians of {rounds} "
-            f"timed steps, one profiled step for the breakdown, then peak memory growth ({mem_kind}) of one "
-            f"more step. FNGD defaults (coefficients='network', exact Grams); sketched: sketch={args.sketch}.",
+            f"timed steps, one profiled step for the breakdown; peak memory growth ({mem_kind}): the second "
+            f"step's over the state before the first, in a process of its own. FNGD defaults "
+            f"(coefficients='network', exact Grams); sketched: sketch={args.sketch}.",
             ""]
     summary = []
     for name in models:
@@ -244,6 +240,9 @@ def main() -> None:
         for which in ("sgd", "exact", "sketch"):
             log(f"{name}: {which}")
             res[which] = run_child(spec, which, args.device, rounds, args.sketch, threads)
+            if res[which]["memory"] is None:
+                res[which]["memory"] = run_child(spec, which, args.device, rounds, args.sketch, threads,
+                                                 memory=True)["memory"]
             log(f"{name}: {which} {statistics.median(res[which]['times']):.2f} s, "
                 f"{res[which]['memory'] / 2**20:.0f} MiB")
         sgd_t = statistics.median(res["sgd"]["times"])

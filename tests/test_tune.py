@@ -187,6 +187,11 @@ def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tm
     path.write_text(path.read_text().replace(f'tuned = "{result}"', f'tuned = {{ result = "{result}", '
                                                                     'optimizers = ["fngd"] }'))
     assert set(sw.load(path).tasks["img"].optimizers) == {"fngd", "sgd:nomomentum", "adamw:x"}
+    # none of them (``[]``): only the variants run, still from their tuned configurations
+    path.write_text(path.read_text().replace('optimizers = ["fngd"]', 'optimizers = []'))
+    task = sw.load(path).tasks["img"]
+    assert set(task.optimizers) == {"sgd:nomomentum", "adamw:x"}
+    assert task.optimizers["sgd:nomomentum"] == {**chosen["sgd"]["chosen"]["hparams"], "momentum": 0.0}
 
 
 @pytest.mark.parametrize("body,message", [
@@ -197,6 +202,8 @@ def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tm
     ('[tasks.img]\ntuned = "{r}.missing"\n', "tasks.img.tuned: .*not a readable tuning result"),
     ('[tasks.img]\ntuned = {{ result = "{r}", optimizers = ["lbfgs"] }}\n',
      "tasks.img.tuned.optimizers: 'lbfgs' is not tuned in .* \\(tuned: fngd, sgd\\)"),
+    ('[tasks.img]\ntuned = {{ result = "{r}", optimizers = [] }}\n',
+     "tasks.img.tuned.optimizers: \\[\\] runs only the variants .* names none"),
 ])
 def test_tuned_tasks_refuse_settings_that_would_drift(tmp_path, body, message):
     result = tuned_result(tmp_path)
