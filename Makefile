@@ -41,7 +41,10 @@ report: $(STAMP)
 	$(PY) -m fngd_slurm default
 	$(PY) -m fngd_analysis results/default --out results --title "FNGD vs KFAC, SGD, AdamW (default sweep)"
 
+# the benchmarks, and first the check that FNGD's collect step equals ASDL's SMW natural gradient
+# (float64, Linear-only models, the same identity computed independently: tests/test_asdl.py)
 bench: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_asdl.py
 	$(PY) benchmarks/step_cost.py --out results/benchmark.md
 	$(PY) benchmarks/collect_profile.py --out results/collect_profile.md
 	$(PY) benchmarks/fallback_cost.py --out results/fallback_cost.md

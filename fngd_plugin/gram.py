@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .samplers import ConvGrads, EmbeddingGrads, FactoredGrads, PerSampleGrads
+from .samplers import ConvGrads, EmbeddingGrads, FactoredGrads, PerSampleGrads, _gram_of
 
 
 def shared_blocks(reps: dict[nn.Module, PerSampleGrads], index: dict[int, int]) -> dict[int, list[PerSampleGrads]]:
@@ -115,10 +115,7 @@ def sketched_gram(r: PerSampleGrads, k: int, seed: int) -> Tensor:
     g.manual_seed(seed)
     As, Ds, bias = _sketched_factors(r, k, g)
     G = torch.bmm(Ds.transpose(1, 2), As).reshape(r.n, -1)
-    K = G @ G.T
-    if bias is not None:
-        K = K + bias @ bias.T
-    return K
+    return _gram_of([G] if bias is None else [G, bias])  # (scaled out of the denormal range)
 
 
 def block_gram(reps: list[PerSampleGrads], *, keep: bool = False, dense_limit: int,

@@ -231,3 +231,37 @@ def test_tied_linears_exact_by_materialising_then_approximated_over_the_limit(f6
     assert opt.stats()["tied_approximations"] == 1
     step = before - snapshot(model)
     assert torch.isfinite(step).all() and float((step - expected).norm() / expected.norm()) > 1e-6
+
+
+@pytest.mark.parametrize("make", ["linear_tokens", "linear_rows", "conv", "embedding"])
+def test_gram_of_tiny_gradients_keeps_its_precision(make):
+    """float32 output gradients of 2^-90 (deep networks' early layers after some steps; a tiny loss
+    scale): their products lie below float32's range (under 2^-149), so a Gram taken of them as
+    they are is lost (zero or a few bits). The samplers scale by a power of two and return K in
+    float64: it equals 2^-180 times the Gram of the unscaled gradients, to float32 rounding."""
+    torch.manual_seed(0)
+    if make.startswith("linear"):
+        p, q, T = (64, 64, 3) if make == "linear_tokens" else (6, 5, 20)
+        A, D = torch.randn(7, T, p), torch.randn(7, T, q)
+        if make == "linear_tokens":
+            assert S._use_token_route(7, T, p, q)
+        else:
+            assert not S._use_token_route(7, T, p, q)
+        layer = nn.Linear(p, q)
+        build = lambda d: S.FactoredGrads(A, d, layer.weight, layer.bias)  # noqa: E731
+    elif make == "conv":
+        layer = nn.Conv2d(3, 4, 3, padding=1)
+        a, delta = torch.randn(5, 3, 6, 6), torch.randn(5, 4, 6, 6)
+        build = lambda d: S.ConvGrads(layer, a, d)  # noqa: E731
+        D = delta
+    else:
+        layer = nn.Embedding(11, 3)
+        idx = torch.randint(0, 11, (6, 5))
+        D = torch.randn(6, 5, 3)
+        build = lambda d: S.EmbeddingGrads(idx, d, layer.weight)  # noqa: E731
+    tiny = 2.0 ** -90
+    ref = build(D).gram().to(torch.float64) * tiny**2
+    got = build(D * tiny).gram()
+    assert got.dtype == torch.float64
+    assert float(ref.abs().max()) < 2.0 ** -149  # below float32's smallest number: unrepresentable there
+    assert torch.allclose(got, ref, rtol=1e-5, atol=0), float(((got - ref).abs() / ref.abs().max()).max())
