@@ -91,6 +91,20 @@ def _pow2(x: Tensor) -> Tensor:
     return torch.where(amax > 0, torch.exp2(-e), torch.ones_like(e)).to(x.dtype)
 
 
+def _scaled(x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(s x, s, in_place): scaled in place where x can take it (contiguous, no autograd), so that no
+    copy of a large tensor is made (undo with ``_restore``, exact: s is a power of two)."""
+    s = _pow2(x)
+    if x.is_contiguous() and not x.requires_grad and not x.is_inference():
+        return x.mul_(s), s, True
+    return x * s, s, False
+
+
+def _restore(x: Tensor, s: Tensor, in_place: bool) -> None:
+    if in_place:
+        x.div_(s)
+
+
 def _unscale(K: Tensor, s: Tensor) -> Tensor:
     """K of s-scaled factors (K scales with s^2) back to true units, in float64 (the solve's
     precision): a Gram of tiny gradients may lie below float32's range altogether."""
@@ -101,10 +115,9 @@ def _gram_of(grads: Sequence[Tensor]) -> Tensor:
     n = grads[0].shape[0]
     K = None
     for g in grads:
-        f = g.reshape(n, -1)
-        s = _pow2(f)
-        f = f * s
+        f, s, in_place = _scaled(g.reshape(n, -1))
         Kf = _unscale(f @ f.T, s)
+        _restore(f, s, in_place)
         K = Kf if K is None else K + Kf
     if not (K is not None):  # an invariant, kept under python -O
         raise RuntimeError("fngd_plugin internal error: expected K is not None")
@@ -129,12 +142,13 @@ def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     """K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js) for g_i = sum_t D[i,t] (x) [A[i,t], 1?]."""
     n, T, p = A.shape
     Af = A.reshape(n * T, p)
-    s = _pow2(D)  # output gradients are what can be tiny (_pow2); activations are not rescaled
-    Df = D.reshape(n * T, D.shape[-1]) * s
+    # output gradients are what can be tiny (_pow2); activations are not rescaled
+    Df, s, in_place = _scaled(D.reshape(n * T, D.shape[-1]))
     AA = Af @ Af.T
     if bias:
         AA = AA + 1
     KK = AA * (Df @ Df.T)
+    _restore(Df, s, in_place)
     return _unscale(KK if T == 1 else KK.view(n, T, n, T).sum(dim=(1, 3)), s)
 
 
@@ -145,8 +159,7 @@ def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     q = D.shape[-1]
     target = 2**25 if A.is_cuda else 2**22  # elements per block (measured on a 2-core CPU)
     step = max(8, target // (n * p))
-    scale = _pow2(D)  # tiny output gradients would make G's products denormal (_pow2)
-    D = D * scale
+    D, scale, in_place = _scaled(D)  # tiny output gradients would make G's products denormal (_pow2)
     Dt = D.transpose(1, 2)
     K = None
     for s in range(0, q, step):
@@ -157,6 +170,7 @@ def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     if bias:
         Gb = D.sum(dim=1)
         K = K + Gb @ Gb.T
+    _restore(D, scale, in_place)
     return _unscale(K, scale)
 
 
@@ -251,10 +265,11 @@ class EmbeddingGrads(PerSampleGrads):
         if U * n * q <= (n * T) ** 2 * q or 2 * (n * T) ** 2 > _ROUTE_MEMORY_LIMIT:
             # per-sample gradients restricted to the U rows this batch touches
             return _gram_of([self.rows(uniq)])
-        s = _pow2(self.D)
-        Df = self.D.reshape(n * T, q) * s
+        Df, s, in_place = _scaled(self.D.reshape(n * T, q))
         same = (self.idx.reshape(-1, 1) == self.idx.reshape(1, -1)).to(Df.dtype)
-        return _unscale(((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3)), s)
+        K = ((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3))
+        _restore(Df, s, in_place)
+        return _unscale(K, s)
 
     def rows(self, idx: Tensor) -> Tensor:
         """Per-sample gradients restricted to the sorted rows ``idx`` (which must hold every used row)."""

@@ -261,7 +261,10 @@ def test_gram_of_tiny_gradients_keeps_its_precision(make):
         build = lambda d: S.EmbeddingGrads(idx, d, layer.weight)  # noqa: E731
     tiny = 2.0 ** -90
     ref = build(D).gram().to(torch.float64) * tiny**2
-    got = build(D * tiny).gram()
+    small = D * tiny
+    before = small.clone()
+    got = build(small).gram()
+    assert torch.equal(small, before)  # scaled in place for the products, and restored exactly
     assert got.dtype == torch.float64
     assert float(ref.abs().max()) < 2.0 ** -149  # below float32's smallest number: unrepresentable there
     assert torch.allclose(got, ref, rtol=1e-5, atol=0), float(((got - ref).abs() / ref.abs().max()).max())
