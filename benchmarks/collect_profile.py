@@ -1,6 +1,6 @@
 """Where FNGD's collect step spends its time and memory at the batch sizes people train with.
 
-    python benchmarks/collect_profile.py            # CPU sizes (about 15 minutes on 2 cores)
+    python benchmarks/collect_profile.py            # CPU sizes (about 20 minutes on 2 cores)
     python benchmarks/collect_profile.py --full     # GPU sizes
 
 For each model and batch: an SGD step, FNGD's exact collect step and its sketched collect step
@@ -31,7 +31,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import Seq2Seq, seq2seq_batch, seq2seq_loss  # noqa: E402
-from step_cost import BIG, LIVE_ENV, _rss, fmt_table, sync, train_step, write_report  # noqa: E402
+from step_cost import BIG, LIVE_ENV, _rss, fmt_table, peak_rss, sync, train_step, write_report  # noqa: E402
 
 from fngd_plugin import FNGD  # noqa: E402
 
@@ -88,9 +87,13 @@ def build(spec: dict, device: str):
 
 
 def make_opt(which: str, params, sketch: int):
+    """lr 0: every configuration does all of its work (momentum, the update itself included) but
+    stays at the same parameters, the initialisation, so that all are timed on the same gradients
+    (after an update of lr 0.01 the base Transformer's gradients fall to 1e-21, and SGD's own
+    backward slowed 1.8x there: a step's cost then depends on where each optimizer went)."""
     if which == "sgd":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    return FNGD(params, lr=0.01, steps_per_epoch=BIG, sketch=sketch if which == "sketch" else None)
+        return torch.optim.SGD(params, lr=0.0, momentum=0.9)
+    return FNGD(params, lr=0.0, steps_per_epoch=BIG, sketch=sketch if which == "sketch" else None)
 
 
 def breakdown(prof, step_us: float) -> dict[str, float]:
@@ -140,20 +143,7 @@ def child_memory(spec: dict, which: str, device: str, rounds: int, sketch: int) 
     opt = make_opt(which, model.parameters(), sketch)
     base = _rss()
     train_step(model, opt, loss_fn)
-    peak = [_rss()]
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    train_step(model, opt, loss_fn)
-    done.set()
-    watcher.join()
-    return {"memory": float(max(peak[0], _rss()) - base)}
+    return {"memory": float(peak_rss(lambda: train_step(model, opt, loss_fn)) - base)}
 
 
 def run_child(spec: dict, which: str, device: str, rounds: int, sketch: int, threads: int,

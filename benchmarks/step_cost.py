@@ -181,12 +181,18 @@ def child_memory(task: str, batch: int, device: str, name: str, coefficients: li
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
     import ctypes
-    import threading
 
     base = _rss()
     train_step(model, opt, loss_fn)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS shows what is live
+    return float(peak_rss(lambda: [train_step(model, opt, loss_fn) for _ in range(2)]) - base)
+
+
+def peak_rss(run: Callable[[], object]) -> int:
+    """The resident set's peak while ``run()`` runs, sampled every ms by a thread."""
+    import threading
+
     peak = [_rss()]
     done = threading.Event()
 
@@ -197,11 +203,12 @@ def child_memory(task: str, batch: int, device: str, name: str, coefficients: li
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
-    for _ in range(2):
-        train_step(model, opt, loss_fn)
-    done.set()
-    thread.join()
-    return float(max(peak[0], _rss()) - base)
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss())
 
 
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: freed blocks of 64 KiB and more go back at once
