@@ -663,8 +663,9 @@ def batchnorm2d_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: 
     # samples; per-sample gradient libraries make the same choice).
     if a.dim() != 4 or batch_dim != 0:
         raise ValueError(f"BatchNorm2d input must be batched NCHW, got shape {tuple(a.shape)}")
-    # gamma_i = sum_hw delta (a - mean) rstd = rstd (sum_hw delta a - mean sum_hw delta): two
-    # reductions over the activations, no normalised copy of them (about 1.8x faster on a CPU)
+    # gamma_i = rstd sum_hw delta (a - mean): the centred activations, then one fused
+    # multiply-reduce, rstd applied to the n x C result (not a normalised copy, nor delta * xhat).
+    # Not rstd (sum delta a - mean sum delta): that cancels where |mean| >> std (1% error seen)
     dt = compute_dtype(delta.dtype)
     a = a.to(dt)
     if meta.get("batch_stats", True):
@@ -675,7 +676,8 @@ def batchnorm2d_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: 
     beta = delta.sum(dim=(2, 3))
     grads = []
     if module.weight is not None:
-        grads.append((torch.einsum("nchw,nchw->nc", delta, a) - mean * beta) * torch.rsqrt(var + module.eps))
+        centred = a - mean[None, :, None, None]
+        grads.append(torch.einsum("nchw,nchw->nc", delta, centred) * torch.rsqrt(var + module.eps))
     if module.bias is not None:
         grads.append(beta)
     return DenseGrads(_affine_params(module), grads)

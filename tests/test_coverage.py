@@ -253,3 +253,28 @@ def test_timm_family_collect_step_is_exact(f64, name):
     assert float((step - expected).norm() / expected.norm()) < 1e-8
     for k in uncovered:
         assert torch.allclose(before_unc[k] - params[k].detach(), host[k] * c.sum(), rtol=1e-8, atol=1e-12)
+
+
+def test_a_parameter_used_outside_its_module_is_reported_in_float32():
+    """The capture check (once, at the first collect step) still catches a real mismatch at
+    float32's floor: here a Linear's weight also enters the loss outside the Linear's forward."""
+    torch.manual_seed(0)
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))) + 0.5 * (x @ self.a.weight.T)[:, :3]
+
+    model = Leaky()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off")
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    msgs = [str(w.message) for w in caught if "hooks saw" in str(w.message)]
+    assert len(msgs) == 1 and "(8, 6)" in msgs[0], [str(w.message) for w in caught]
