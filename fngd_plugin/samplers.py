@@ -19,7 +19,8 @@ a test against brute-force per-sample gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ def _pow2(x: Tensor) -> Tensor:
     the products a Gram takes of them are then denormal numbers, on which a CPU's float arithmetic
     is 10-100x slower (measured: a 6+6-layer Transformer's collect step 4.5x slower in all) and
     loses precision. Scaling by a power of two is exact; the Gram is scaled back once, n x n, in
-    float64 (``_unscale``)."""
+    float64 (``_in_range``)."""
     if x.numel():
         lo, hi = torch.aminmax(x.detach())  # a reduction: no |x| copy of a large tensor
         amax = torch.maximum(-lo, hi).float()
@@ -95,33 +96,28 @@ def _pow2(x: Tensor) -> Tensor:
     return torch.where(amax > 0, torch.exp2(-e), torch.ones_like(e)).to(x.dtype)
 
 
-def _scaled(x: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """(s x, s, in_place): scaled in place where x can take it (contiguous, no autograd), so that no
-    copy of a large tensor is made (undo with ``_restore``, exact: s is a power of two)."""
+@contextlib.contextmanager
+def _in_range(x: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    """(s x, unscale) with s = _pow2(x): x is scaled in place where it can take it (contiguous, no
+    autograd: no copy of a large tensor) and restored exactly on leaving, even after an error (s is
+    a power of two); ``unscale(K)`` takes a Gram of s-scaled factors (K scales with s^2) back to
+    true units in float64, the solve's precision (a Gram of tiny gradients may lie below float32's
+    range altogether)."""
     s = _pow2(x)
-    if x.is_contiguous() and not x.requires_grad and not x.is_inference():
-        return x.mul_(s), s, True
-    return x * s, s, False
-
-
-def _restore(x: Tensor, s: Tensor, in_place: bool) -> None:
-    if in_place:
-        x.div_(s)
-
-
-def _unscale(K: Tensor, s: Tensor) -> Tensor:
-    """K of s-scaled factors (K scales with s^2) back to true units, in float64 (the solve's
-    precision): a Gram of tiny gradients may lie below float32's range altogether."""
-    return K.to(torch.float64) / s.to(torch.float64) ** 2
+    in_place = x.is_contiguous() and not x.requires_grad and not x.is_inference()
+    try:
+        yield (x.mul_(s) if in_place else x * s), lambda K: K.to(torch.float64) / s.to(torch.float64) ** 2
+    finally:
+        if in_place:
+            x.div_(s)
 
 
 def _gram_of(grads: Sequence[Tensor]) -> Tensor:
     n = grads[0].shape[0]
     K = None
     for g in grads:
-        f, s, in_place = _scaled(g.reshape(n, -1))
-        Kf = _unscale(f @ f.T, s)
-        _restore(f, s, in_place)
+        with _in_range(g.reshape(n, -1)) as (f, unscale):
+            Kf = unscale(f @ f.T)
         K = Kf if K is None else K + Kf
     if not (K is not None):  # an invariant, kept under python -O
         raise RuntimeError("fngd_plugin internal error: expected K is not None")
@@ -146,14 +142,13 @@ def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     """K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js) for g_i = sum_t D[i,t] (x) [A[i,t], 1?]."""
     n, T, p = A.shape
     Af = A.reshape(n * T, p)
-    # output gradients are what can be tiny (_pow2); activations are not rescaled
-    Df, s, in_place = _scaled(D.reshape(n * T, D.shape[-1]))
     AA = Af @ Af.T
     if bias:
         AA = AA + 1
-    KK = AA * (Df @ Df.T)
-    _restore(Df, s, in_place)
-    return _unscale(KK if T == 1 else KK.view(n, T, n, T).sum(dim=(1, 3)), s)
+    # output gradients are what can be tiny (_pow2); activations are not rescaled
+    with _in_range(D.reshape(n * T, D.shape[-1])) as (Df, unscale):
+        KK = AA * (Df @ Df.T)
+    return unscale(KK if T == 1 else KK.view(n, T, n, T).sum(dim=(1, 3)))
 
 
 def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
@@ -163,19 +158,18 @@ def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     q = D.shape[-1]
     target = 2**25 if A.is_cuda else 2**22  # elements per block (measured on a 2-core CPU)
     step = max(8, target // (n * p))
-    D, scale, in_place = _scaled(D)  # tiny output gradients would make G's products denormal (_pow2)
-    Dt = D.transpose(1, 2)
     K = None
-    for s in range(0, q, step):
-        G = torch.bmm(Dt[:, s:s + step], A).reshape(n, -1)
-        K = G @ G.T if K is None else K + G @ G.T
+    with _in_range(D) as (D, unscale):  # tiny output gradients would make G's products denormal (_pow2)
+        Dt = D.transpose(1, 2)
+        for s in range(0, q, step):
+            G = torch.bmm(Dt[:, s:s + step], A).reshape(n, -1)
+            K = G @ G.T if K is None else K + G @ G.T
+        if bias:
+            Gb = D.sum(dim=1)
+            K = K + Gb @ Gb.T
     if not (K is not None):  # an invariant, kept under python -O
         raise RuntimeError("fngd_plugin internal error: expected K is not None")
-    if bias:
-        Gb = D.sum(dim=1)
-        K = K + Gb @ Gb.T
-    _restore(D, scale, in_place)
-    return _unscale(K, scale)
+    return unscale(K)
 
 
 class FactoredGrads(PerSampleGrads):
@@ -269,11 +263,10 @@ class EmbeddingGrads(PerSampleGrads):
         if U * n * q <= (n * T) ** 2 * q or 2 * (n * T) ** 2 > _ROUTE_MEMORY_LIMIT:
             # per-sample gradients restricted to the U rows this batch touches
             return _gram_of([self.rows(uniq)])
-        Df, s, in_place = _scaled(self.D.reshape(n * T, q))
-        same = (self.idx.reshape(-1, 1) == self.idx.reshape(1, -1)).to(Df.dtype)
-        K = ((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3))
-        _restore(Df, s, in_place)
-        return _unscale(K, s)
+        same = (self.idx.reshape(-1, 1) == self.idx.reshape(1, -1)).to(self.D.dtype)
+        with _in_range(self.D.reshape(n * T, q)) as (Df, unscale):
+            K = ((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3))
+        return unscale(K)
 
     def rows(self, idx: Tensor) -> Tensor:
         """Per-sample gradients restricted to the sorted rows ``idx`` (which must hold every used row)."""
