@@ -50,6 +50,8 @@ from fngd_plugin import FNGD, KFAC  # noqa: E402
 from timm_ext import cifar_resnet18  # noqa: E402  (the sweeps' model, registered in timm)
 
 LR = 0.01
+WARM_UP = "kfac factors+inverses"  # the schedule-kind instances' second warm-up step
+SCHEDULES = {**KFAC_KINDS, WARM_UP: (1, 1)}  # kind -> (factor, inverse) update intervals
 DAMPING_KFAC = 1e-3
 PAD = 1
 
@@ -167,7 +169,7 @@ def asdl_runner(task: Task, kind: str) -> Runner:
             config.curvature_upd_interval = 1
 
             def schedule(k: str) -> None:
-                fac, inv = KFAC_KINDS[k]
+                fac, inv = SCHEDULES[k]
                 config.curvature_upd_interval, config.preconditioner_upd_interval = fac, inv
         maker = asdl.KfacGradientMaker(model, config, fisher_type="fisher_emp")
 
@@ -178,7 +180,23 @@ def asdl_runner(task: Task, kind: str) -> Runner:
         maker.forward_and_backward()
         sgd.step()
 
-    return Runner(model, step, schedule)
+    runner = Runner(model, step, schedule)
+    if kind != "smw":
+        runner.uncovered = lambda: asdl_kfac_uncovered(maker, model)
+    return runner
+
+
+def asdl_kfac_uncovered(maker, model: nn.Module) -> list[str]:
+    """Layers ASDL's K-FAC is meant to precondition but has no inverse for, so that it silently
+    leaves their gradient as it is (its Kron.update_inv skips a factor that is all zeros: every
+    convolution of a residual branch whose last BatchNorm is zero-initialised, at the first step)."""
+    out = []
+    for name, m in model.named_modules():
+        if m in maker.modules_for_curvature:
+            matrix = maker._get_module_symmatrix(m, "kron")
+            if matrix is None or not matrix.has_inv:
+                out.append(name)
+    return out
 
 
 def configurations() -> dict[str, Callable[[Task], Runner]]:
@@ -199,7 +217,7 @@ def configurations() -> dict[str, Callable[[Task], Runner]]:
             r = torch_runner(t, lambda p: KFAC(p, factor_update_steps=BIG, inv_update_steps=BIG, **kf))
 
             def schedule(k: str) -> None:
-                r.opt.factor_update_steps, r.opt.inv_update_steps = KFAC_KINDS[k]
+                r.opt.factor_update_steps, r.opt.inv_update_steps = SCHEDULES[k]
             r.schedule = schedule
             return r
 
@@ -248,6 +266,15 @@ def time_task(task: Task, device: str, rounds: int, slow_rounds: int, log) -> tu
             try:
                 runner = factory(task)
                 runner.step(kind[1] if kind else None)  # warm-up: FNGD reuse's collect step, first factors/inverses
+                # inverses again once every layer has a gradient (zero-initialised residual branches)
+                if kind:
+                    runner.step(WARM_UP)
+                elif name.endswith("1/1"):
+                    runner.step()
+                missing = runner.uncovered() if hasattr(runner, "uncovered") else []
+                if missing:
+                    raise RuntimeError(f"ASDL K-FAC has no inverse for {len(missing)} layers after warm-up "
+                                       f"(it would leave them unpreconditioned): {', '.join(missing[:4])}")
             except Exception as e:  # a peer that cannot run is a result, not a crash
                 failed[prefix] = failed[name] = short_error(e)
                 log(f"  {task.name}: {name} cannot run: {failed[name]}")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .base import CaptureOptimizer
 from .capture import MicroBatch
 from .options import check_choice, check_number, check_sgd_args
-from .samplers import unsupported_reason
+from .samplers import ConvGrads, unsupported_reason
 
 INVERSE_METHODS = ("eigen", "cholesky")
 
@@ -46,6 +46,29 @@ def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         jitter = max(1e-10 * float(M64.diagonal().abs().mean()), 1e-30)
         d, Q = torch.linalg.eigh(M64 + jitter * torch.eye(M.shape[0], dtype=torch.float64, device=M.device))
         return (d - jitter).to(M.dtype), Q.to(M.dtype)
+
+
+def _flat_factors(rep, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(Af (nT, p [+1 column of ones]), Df (nT, q), back): a layer's inputs and output gradients as
+    matrices. A convolution with fewer patch columns than patches (p < nT: early, wide-spatial
+    layers) takes channels-last patches, cheaper to copy, and ``back`` is the index that puts
+    Af^T Af back in the weight's column order (a p x p gather, smaller than the n T x p copy saved);
+    otherwise back is None."""
+    back = None
+    if isinstance(rep, ConvGrads):
+        order = rep.patch_order()
+        use = order is not None and order.numel() < rep.n * rep._tokens()
+        A, D = rep.kron_factors(any_order=use)
+        if use:
+            back = torch.argsort(order)
+            if bias:
+                back = torch.cat([back, back.new_full((1,), order.numel())])
+    else:
+        A, D = rep.kron_factors()
+    Af = A.reshape(-1, A.shape[-1])
+    if bias:
+        Af = torch.cat([Af, Af.new_ones(Af.shape[0], 1)], dim=1)
+    return Af, D.reshape(-1, D.shape[-1]), back
 
 
 class KFAC(CaptureOptimizer):
@@ -66,7 +89,7 @@ class KFAC(CaptureOptimizer):
             construction); KFAC codebases commonly skip huge output projections this way.
     """
 
-    counter_names = ("skipped", "factor_updates", "inverse_updates", "inverse_failures")
+    counter_names = ("skipped", "factor_updates", "factor_failures", "inverse_updates", "inverse_failures")
 
     def __init__(
         self,
@@ -137,7 +160,8 @@ class KFAC(CaptureOptimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         if extra is not None:
             self._steps = int(extra["steps"])
-            self._counters = {k: v.clone() for k, v in extra["counters"].items()}
+            # a checkpoint from before a counter existed starts that counter at zero
+            self._counters.update({k: v.clone() for k, v in extra["counters"].items()})
         self._layers = {self._index[id(p)]: (p, None) for p in self._params if "kfac_A" in self.state[p]}
         for p in self._params:  # re-pair each bias with its weight
             bias_of = self.state[p].get("kfac_bias_of")
@@ -155,6 +179,12 @@ class KFAC(CaptureOptimizer):
 
     # ------------------------------------------------------------------ factors
     def _update_factors(self, batches: list[MicroBatch]) -> None:
+        """A <- d A + (1 - d) A_batch and G likewise, the running average folded into the GEMMs that
+        build the statistics (one pass over each factor, not the five of scale, decay, add, check and
+        select). The new factors are committed only where they are finite, judged from their diagonals:
+        a non-finite input or output gradient makes a diagonal entry (a sum of squares) non-finite,
+        and |F_jk| <= sqrt(F_jj F_kk) for the positive semi-definite F. One host sync per factor update
+        decides which layers commit."""
         per_mb = [self._blocks(self._reps(mb)) for mb in batches]
         per_mb = [b for b in per_mb if b]
         if not per_mb:
@@ -162,40 +192,56 @@ class KFAC(CaptureOptimizer):
         kappa = self._measure_scale(per_mb)
         ns = [next(iter(b.values()))[0].n for b in per_mb]
         N = sum(ns)
-        new: dict[int, list[Tensor]] = {}
-        for blocks, n in zip(per_mb, ns):
+        d = self.factor_decay
+        fresh: dict[int, list] = {}  # weight index -> [A, raw G statistic, weight of A_batch], not committed
+        for blocks in per_mb:
             for reps in blocks.values():
                 for rep in reps:
-                    A, D = rep.kron_factors()  # type: ignore[attr-defined]
                     weight, bias = rep.params[0], (rep.params[1] if len(rep.params) > 1 else None)
-                    T = A.shape[1]
-                    Af = A.reshape(-1, A.shape[-1])
-                    if bias is not None:
-                        Af = torch.cat([Af, Af.new_ones(Af.shape[0], 1)], dim=1)
-                    Df = D.reshape(-1, D.shape[-1]) * (N * kappa).to(D.dtype)
-                    # micro-batches are averaged with weights n_m / N
-                    a_cov = (Af.T @ Af) / (n * T) * (n / N)
-                    g_cov = (Df.T @ Df) / n * (n / N)
+                    Af, Df, back = _flat_factors(rep, bias is not None)
+                    # micro-batch m enters with weight n_m / N: A_m / (n_m T_m) * n_m / N = A_m / (N T_m)
+                    alpha = float(rep.n) / (N * Af.shape[0])
                     key = self._index[id(weight)]
                     self._layers[key] = (weight, bias)
-                    if key in new:
-                        new[key][0] += a_cov
-                        new[key][1] += g_cov
+                    old = None if key in fresh else self.state[weight].get("kfac_A")
+                    w = fresh[key][2] if key in fresh else (1.0 if old is None else 1 - d)
+                    if back is None and key in fresh:
+                        fresh[key][0].addmm_(Af.T, Af, alpha=w * alpha)
+                    elif back is None:
+                        a_new = (torch.mm(Af.T, Af).mul_(alpha) if old is None  # the first statistics are the factors
+                                 else torch.addmm(old, Af.T, Af, beta=d, alpha=w * alpha))
+                    else:  # patches in channels-last order: the p x p statistic is put back in the weight's
+                        S = torch.mm(Af.T, Af)[back[:, None], back[None, :]]
+                        if key in fresh:
+                            fresh[key][0].add_(S, alpha=w * alpha)
+                        else:
+                            a_new = S.mul_(alpha) if old is None else torch.lerp(old, S.mul_(alpha), w)
+                    if key in fresh:
+                        fresh[key][1].addmm_(Df.T, Df)
                     else:
-                        new[key] = [a_cov, g_cov]
-        for key, (a_cov, g_cov) in new.items():
+                        fresh[key] = [a_new, torch.mm(Df.T, Df), w]
+        # G: true per-sample output gradients are N kappa delta, so G_batch = N kappa^2 sum_m D_m^T D_m
+        g_scale = (N * kappa * kappa).to(next(iter(fresh.values()))[1].dtype)
+        finite = []
+        for key, (a_new, g_stat, _) in fresh.items():
+            weight, _ = self._layers[key]
+            old_g = self.state[weight].get("kfac_G")
+            g_new = g_stat.mul_(g_scale) if old_g is None else torch.lerp(old_g, g_stat.mul_(g_scale), 1 - d)
+            fresh[key][1] = g_new
+            finite.append(torch.isfinite(a_new.diagonal()).all() & torch.isfinite(g_new.diagonal()).all())
+        ok = torch.stack(finite).tolist()
+        for (key, (a_new, g_new, _)), good in zip(fresh.items(), ok):
             weight, bias = self._layers[key]
             st = self.state[weight]
-            ok = torch.isfinite(a_cov).all() & torch.isfinite(g_cov).all()
-            if "kfac_A" not in st:
-                st["kfac_A"] = torch.where(ok, a_cov, torch.eye(a_cov.shape[0], dtype=a_cov.dtype,
-                                                                 device=a_cov.device))
-                st["kfac_G"] = torch.where(ok, g_cov, torch.eye(g_cov.shape[0], dtype=g_cov.dtype,
-                                                                 device=g_cov.device))
+            if good:
+                st["kfac_A"], st["kfac_G"] = a_new, g_new
             else:
-                d = self.factor_decay
-                st["kfac_A"] = torch.where(ok, d * st["kfac_A"] + (1 - d) * a_cov, st["kfac_A"])
-                st["kfac_G"] = torch.where(ok, d * st["kfac_G"] + (1 - d) * g_cov, st["kfac_G"])
+                self._add("factor_failures", torch.ones((), dtype=torch.float64))
+                self._warn_once("factors", "KFAC: a factor update was non-finite (a NaN or Inf in the inputs or "
+                                "output gradients of a layer); that layer keeps its previous factors")
+                if "kfac_A" not in st:  # identity factors (a scaled SGD step) until finite statistics arrive
+                    st["kfac_A"] = torch.eye(a_new.shape[0], dtype=a_new.dtype, device=a_new.device)
+                    st["kfac_G"] = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
             if bias is not None:
                 self.state[bias]["kfac_bias_of"] = key
         self._add("factor_updates", torch.ones((), dtype=torch.float64))

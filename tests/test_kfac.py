@@ -10,15 +10,20 @@ from models import restore, snapshot
 from torch import nn
 
 from fngd_plugin import KFAC
+from fngd_plugin import samplers as S
 
 LAM = 0.05
 
 
 class Net(nn.Module):
-    def __init__(self):
+    """A 3x3 stride-2 convolution and a Linear head. ``c_in`` = 8 on 10x10 inputs takes KFAC's
+    channels-last patch route (8+ input channels, fewer patch columns than patches); 2 on 6x6 the
+    weight-ordered one."""
+
+    def __init__(self, c_in: int = 2, side: int = 6):
         super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-        self.fc = nn.Linear(3 * 3 * 3, 4)
+        self.conv = nn.Conv2d(c_in, 3, 3, stride=2, padding=1)
+        self.fc = nn.Linear(3 * ((side + 1) // 2) ** 2, 4)
 
     def forward(self, x):
         self.z1 = self.conv(x)
@@ -74,11 +79,30 @@ def kron_solve(A, G, V, method, pi_correction=True):
     return torch.linalg.solve(M, V.reshape(-1)).reshape(V.shape)
 
 
+ROUTES = {"weight-order": (2, 6), "channels-last": (8, 10)}  # (c_in, side) of Net and its inputs
+
+
+@pytest.fixture
+def patch_routes(monkeypatch):
+    """The any_order flags KFAC asked ConvGrads.kron_factors for, so a test can show which route ran."""
+    seen = []
+    original = S.ConvGrads.kron_factors
+
+    def spy(self, any_order=False):
+        seen.append(any_order)
+        return original(self, any_order)
+
+    monkeypatch.setattr(S.ConvGrads, "kron_factors", spy)
+    return seen
+
+
 @pytest.mark.parametrize("method", ["eigen", "cholesky"])
 @pytest.mark.parametrize("loss_scale", [1.0, 64.0])
-def test_one_step_matches_explicit_kronecker_solve(f64, method, loss_scale):
-    net = Net()
-    x, y = torch.randn(6, 2, 6, 6), torch.randint(0, 4, (6,))
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_one_step_matches_explicit_kronecker_solve(f64, method, loss_scale, route, patch_routes):
+    c, side = ROUTES[route]
+    net = Net(c, side)
+    x, y = torch.randn(6, c, side, side), torch.randint(0, 4, (6,))
     factors = brute_factors(net, x, y)
     net.zero_grad()
     F.cross_entropy(net(x), y).backward()
@@ -95,11 +119,14 @@ def test_one_step_matches_explicit_kronecker_solve(f64, method, loss_scale):
     opt.step()
     step = before - snapshot(net)
     assert float((step - expected).norm() / expected.norm()) < 1e-8
+    assert patch_routes == [route == "channels-last"]
 
 
-def test_running_average_schedule_and_kl_clip(f64):
-    net = Net()
-    data = [(torch.randn(5, 2, 6, 6), torch.randint(0, 4, (5,))) for _ in range(3)]
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_running_average_schedule_and_kl_clip(f64, route):
+    c, side = ROUTES[route]
+    net = Net(c, side)
+    data = [(torch.randn(5, c, side, side), torch.randint(0, 4, (5,))) for _ in range(3)]
     opt = KFAC(net.parameters(), lr=0.5, momentum=0.0, damping=LAM, factor_decay=0.7, factor_update_steps=2,
                inv_update_steps=2, kl_clip=1e-6)
     p0 = snapshot(net)
@@ -110,9 +137,10 @@ def test_running_average_schedule_and_kl_clip(f64):
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         opt.step()
-    st = opt.state[net.fc.weight]
-    assert torch.allclose(st["kfac_A"], 0.7 * f0[1][0] + 0.3 * f2[1][0])
-    assert torch.allclose(st["kfac_G"], 0.7 * f0[1][1] + 0.3 * f2[1][1])
+    for layer, (A0, G0), (A2, G2) in zip((net.conv, net.fc), f0, f2):
+        st = opt.state[layer.weight]
+        assert torch.allclose(st["kfac_A"], 0.7 * A0 + 0.3 * A2)
+        assert torch.allclose(st["kfac_G"], 0.7 * G0 + 0.3 * G2)
     assert opt.stats()["factor_updates"] == 2 and opt.stats()["inverse_updates"] == 2
     # KL clipping: nu = sqrt(kl_clip / (lr^2 <P, V>)) with P the unclipped preconditioned gradient
     x, y = data[0]
@@ -131,6 +159,26 @@ def test_running_average_schedule_and_kl_clip(f64):
     nu = float(steps[1e-6].norm() / steps[None].norm())
     assert torch.allclose(steps[1e-6], nu * steps[None])
     assert nu < 1 and nu**2 * vg == pytest.approx(1e-6, rel=1e-8)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_accumulated_micro_batches_give_the_whole_batch_factors(f64, route, patch_routes):
+    """Two backward passes of unequal micro-batches (losses weighted n_m / N), one step: the factors
+    of the whole batch, each micro-batch's statistics weighted by its size."""
+    c, side = ROUTES[route]
+    net = Net(c, side)
+    x, y = torch.randn(7, c, side, side), torch.randint(0, 4, (7,))
+    whole = brute_factors(net, x, y)
+    opt = KFAC(net.parameters(), lr=0.1, damping=LAM, factor_update_steps=1, inv_update_steps=1)
+    opt.zero_grad()
+    for sl in (slice(0, 3), slice(3, 7)):
+        (F.cross_entropy(net(x[sl]), y[sl]) * (sl.stop - sl.start) / 7).backward()
+    opt.step()
+    for layer, (A, G) in zip((net.conv, net.fc), whole):
+        st = opt.state[layer.weight]
+        assert torch.allclose(st["kfac_A"], A, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(st["kfac_G"], G, rtol=1e-10, atol=1e-12)
+    assert patch_routes == [route == "channels-last"] * 2
 
 
 def test_state_dict_resume_identical():
@@ -191,11 +239,16 @@ def test_failed_inverse_keeps_parameters_finite(monkeypatch):
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     p1 = snapshot(net)
+    layers = (net.conv, net.fc)
+    factors = [(m, k, opt.state[m.weight][k].clone()) for m in layers for k in ("kfac_A", "kfac_G")]
     opt.zero_grad()
     F.cross_entropy(net(bad), y).backward()
-    opt.step()
+    with pytest.warns(RuntimeWarning, match="factor update was non-finite"):
+        opt.step()
     assert torch.equal(snapshot(net), p1)
-    assert torch.isfinite(opt.state[net.fc.weight]["kfac_A"]).all()
+    assert opt.stats()["factor_failures"] == 2 and opt.stats()["skipped"] == 1
+    for m, k, before in factors:  # the previous factors, bit for bit
+        assert torch.equal(opt.state[m.weight][k], before)
 
 
 def test_coverage_and_bad_input():

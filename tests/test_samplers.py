@@ -76,6 +76,42 @@ def test_conv2d(f64, kw):
     check_rep(*layer_case(layer, torch.randn(5, 4, 7, 6)), layer)
 
 
+CONV_PATCH_CASES = [
+    dict(stride=2, padding=1),
+    dict(padding=2, dilation=2, bias=False),
+    dict(padding="same"),
+    dict(padding=1, padding_mode="reflect"),
+    dict(stride=(2, 1), padding=(0, 1), dilation=(1, 2)),
+    dict(kernel_size=(1, 3), padding=(0, 1), padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("kw", CONV_PATCH_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_patches_against_unfold(f64, kw, channels_last):
+    """kron_factors' patches against torch's im2col (F.unfold): the weight's column order, and with
+    any_order the order patch_order names (channels-last for 8+ input channels)."""
+    kw = dict(kw)
+    layer = nn.Conv2d(8, 5, kw.pop("kernel_size", 3), **kw)
+    a = torch.randn(3, 8, 7, 6)
+    if channels_last:
+        a = a.to(memory_format=torch.channels_last)
+    rep, U, names = layer_case(layer, a)
+    m = layer
+    x, padding = rep._padded(a)
+    ref = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2)
+    A, D = rep.kron_factors()
+    assert torch.equal(A, ref) and D.shape[:2] == A.shape[:2]
+    order = rep.patch_order()
+    assert order is not None and not torch.equal(order, torch.arange(order.numel()))
+    A_any, _ = rep.kron_factors(any_order=True)
+    assert torch.equal(A_any, ref[:, :, order])
+    # both Gram routes on the reordered patches, against torch.func's per-sample gradients
+    assert torch.allclose(S._token_gram(A_any, D, m.bias is not None), U @ U.T, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(S._chunked_gram(A_any, D, m.bias is not None), U @ U.T, rtol=1e-10, atol=1e-12)
+    check_rep(rep, U, names, layer)
+
+
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=1, groups=2, bias=False)])
 def test_conv2d_large_spatial_grouped_route(f64, kw):
     # T > 256: per-sample gradients by one grouped weight-gradient convolution (batch as groups)
