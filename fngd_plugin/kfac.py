@@ -48,6 +48,22 @@ def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         return (d - jitter).to(M.dtype), Q.to(M.dtype)
 
 
+def _damped_inverse(M: Tensor, damping: float) -> Tensor:
+    """(M + damping I)^-1 by Cholesky: one copy of M with its diagonal raised (no identity built)."""
+    Md = M.clone()
+    Md.diagonal().add_(damping)
+    return torch.cholesky_inverse(torch.linalg.cholesky(Md))
+
+
+def _all_finite(new: dict[str, Tensor]) -> bool:
+    """Whether a layer's new inverses / eigendecompositions are finite, from one pass over each
+    (a sum is non-finite if any entry is: eigenvectors are bounded, so their sum cannot overflow)
+    and, for the symmetric positive definite inverses, from their diagonals alone: a NaN or Inf
+    entry (j, k) of L^-T L^-1 comes from column j or k of L^-1 and so shows on the diagonal."""
+    total = sum((v.diagonal().sum() if k.endswith("inv") else v.sum()) for k, v in new.items())
+    return bool(torch.isfinite(total))
+
+
 def _flat_factors(rep, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(Af (nT, p [+1 column of ones]), Df (nT, q), back): a layer's inputs and output gradients as
     matrices. A convolution with fewer patch columns than patches (p < nT: early, wide-spatial
@@ -265,11 +281,8 @@ class KFAC(CaptureOptimizer):
                         ta, tg = A.trace() / A.shape[0], G.trace() / G.shape[0]
                         pi = float(torch.sqrt(ta / tg)) if float(tg) > 0 and float(ta) > 0 else 1.0
                     r = math.sqrt(self.damping)
-                    eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-                    eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-                    new = {"kfac_Ainv": torch.cholesky_inverse(torch.linalg.cholesky(A + pi * r * eye_a)),
-                           "kfac_Ginv": torch.cholesky_inverse(torch.linalg.cholesky(G + r / pi * eye_g))}
-                if not all(bool(torch.isfinite(v).all()) for v in new.values()):
+                    new = {"kfac_Ainv": _damped_inverse(A, pi * r), "kfac_Ginv": _damped_inverse(G, r / pi)}
+                if not _all_finite(new):
                     raise torch.linalg.LinAlgError("non-finite factors")
             except (torch.linalg.LinAlgError, RuntimeError):
                 # keep the previous inverse (or none: plain SGD for this layer); never corrupt parameters

@@ -138,17 +138,43 @@ def _use_token_route(n: int, T: int, p: int, q: int) -> bool:
     return use_token
 
 
+# elements of one block of the blocked Gram routes (measured on a 2-core CPU: a block that stays in
+# cache is up to 2x faster than one pass); larger on a GPU, where a block is one kernel's work
+BLOCK_ELEMENTS = {"cpu": 2**22, "cuda": 2**25}
+
+
+def _block_elements(device: torch.device) -> int:
+    return BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cuda"])
+
+
+def _sample_blocks(n: int, row_tokens: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
+    """Blocks of samples [i0, i1) whose (i1 - i0) row_tokens x cols token-pair matrix has about as
+    many elements as _chunked_gram's blocks: the token routes form their n T x n T products a block
+    of rows at a time, so a route's temporaries are a few MiB, not three (n T)^2 matrices (200 MiB
+    each for a fairseq batch of 4096 tokens)."""
+    b = max(1, _block_elements(device) // max(1, row_tokens * cols))
+    return [(i0, min(n, i0 + b)) for i0 in range(0, n, b)]
+
+
+def _token_sums(blocks: list[Tensor], n: int, Ta: int, Tb: int) -> Tensor:
+    """(n, n) from row blocks of token-pair products P[(i, t), (j, s)]: sum over t and s."""
+    rows = [P if Ta == Tb == 1 else P.view(-1, Ta, n, Tb).sum(dim=(1, 3)) for P in blocks]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
 def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     """K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js) for g_i = sum_t D[i,t] (x) [A[i,t], 1?]."""
     n, T, p = A.shape
     Af = A.reshape(n * T, p)
-    AA = Af @ Af.T
-    if bias:
-        AA = AA + 1
     # output gradients are what can be tiny (_pow2); activations are not rescaled
     with _in_range(D.reshape(n * T, D.shape[-1])) as (Df, unscale):
-        KK = AA * (Df @ Df.T)
-    return unscale(KK if T == 1 else KK.view(n, T, n, T).sum(dim=(1, 3)))
+        blocks = []
+        for i0, i1 in _sample_blocks(n, T, n * T, Af.device):
+            AA = Af[i0 * T:i1 * T] @ Af.T
+            if bias:
+                AA += 1
+            blocks.append(AA.mul_(Df[i0 * T:i1 * T] @ Df.T))
+    return unscale(_token_sums(blocks, n, T, T))
 
 
 def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
@@ -156,8 +182,7 @@ def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     still in cache when its contribution is taken (up to 2x faster than one pass on a CPU)."""
     n, _, p = A.shape
     q = D.shape[-1]
-    target = 2**25 if A.is_cuda else 2**22  # elements per block (measured on a 2-core CPU)
-    step = max(8, target // (n * p))
+    step = max(8, _block_elements(A.device) // (n * p))
     K = None
     with _in_range(D) as (D, unscale):  # tiny output gradients would make G's products denormal (_pow2)
         Dt = D.transpose(1, 2)
@@ -263,10 +288,14 @@ class EmbeddingGrads(PerSampleGrads):
         if U * n * q <= (n * T) ** 2 * q or 2 * (n * T) ** 2 > _ROUTE_MEMORY_LIMIT:
             # per-sample gradients restricted to the U rows this batch touches
             return _gram_of([self.rows(uniq)])
-        same = (self.idx.reshape(-1, 1) == self.idx.reshape(1, -1)).to(self.D.dtype)
+        flat = self.idx.reshape(-1)
         with _in_range(self.D.reshape(n * T, q)) as (Df, unscale):
-            K = ((Df @ Df.T) * same).view(n, T, n, T).sum(dim=(1, 3))
-        return unscale(K)
+            blocks = []
+            for i0, i1 in _sample_blocks(n, T, n * T, Df.device):
+                rows = slice(i0 * T, i1 * T)
+                same = flat[rows, None] == flat[None, :]
+                blocks.append((Df[rows] @ Df.T).mul_(same))
+        return unscale(_token_sums(blocks, n, T, T))
 
     def rows(self, idx: Tensor) -> Tensor:
         """Per-sample gradients restricted to the sorted rows ``idx`` (which must hold every used row)."""

@@ -251,6 +251,38 @@ def test_failed_inverse_keeps_parameters_finite(monkeypatch):
         assert torch.equal(opt.state[m.weight][k], before)
 
 
+@pytest.mark.parametrize("method", ["eigen", "cholesky"])
+def test_a_non_finite_inverse_is_detected_and_the_previous_one_kept(f64, method, monkeypatch):
+    """An inverse that overflows (or an eigendecomposition that returns NaN) without LAPACK raising
+    is counted, and the layer keeps its previous inverse."""
+    net = Net()
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 4, (4,))
+    opt = KFAC(net.parameters(), lr=0.1, factor_update_steps=100, inv_update_steps=1, inverse=method)
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    keys = [k for k in opt.state[net.conv.weight] if k.startswith("kfac_") and k not in ("kfac_A", "kfac_G")]
+    before = {k: opt.state[net.conv.weight][k].clone() for k in keys}
+    if method == "cholesky":
+        real = torch.cholesky_inverse
+        monkeypatch.setattr(torch, "cholesky_inverse", lambda L: real(L) * float("inf"))
+    else:
+        real = torch.linalg.eigh
+
+        def eigh(M):
+            d, Q = real(M)
+            return d, Q.index_fill(0, torch.tensor([0]), float("nan"))
+        monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="inverse update failed"):
+        opt.step()
+    assert opt.stats()["inverse_failures"] == 2  # both layers
+    for k, v in before.items():
+        assert torch.equal(opt.state[net.conv.weight][k], v)
+    assert torch.isfinite(snapshot(net)).all()
+
+
 def test_coverage_and_bad_input():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     opt = KFAC(model.parameters(), lr=0.1)

@@ -133,6 +133,21 @@ def test_conv2d_channels_last(f64):
     check_rep(*layer_case(layer, a), layer)
 
 
+@pytest.mark.parametrize("block", [1, 4])  # samples per block: 7 blocks of 1; blocks of 4 and 3
+def test_token_routes_in_blocks_of_samples(f64, monkeypatch, block):
+    """The token routes form their n T x n T products a block of samples at a time: the same Grams
+    as torch.func's per-sample gradients whatever the block, including a last block that is short."""
+    monkeypatch.setitem(S.BLOCK_ELEMENTS, "cpu", block * 3 * 7 * 3)  # n = 7 samples, T = 3 tokens
+    assert len(S._sample_blocks(7, 3, 7 * 3, torch.device("cpu"))) == (7 if block == 1 else 2)
+    for bias in (True, False):
+        lin = nn.Linear(6, 4, bias=bias)
+        rep, U, _ = layer_case(lin, torch.randn(7, 3, 6))
+        assert torch.allclose(S._token_gram(rep.A, rep.D, bias), U @ U.T, rtol=1e-10, atol=1e-12)
+    emb = nn.Embedding(5, 3)  # few distinct tokens: the token route
+    rep, U, _ = layer_case(emb, torch.randint(0, 5, (7, 3)))
+    assert torch.allclose(rep.gram(), U @ U.T, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("vocab,T", [(50, 4), (6, 9)])  # many distinct tokens / few (both Gram routes)
 def test_embedding_with_padding(f64, vocab, T):
     layer = nn.Embedding(vocab, 3, padding_idx=1)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fngd_plugin import FNGD
+from fngd_plugin import samplers as S
 from fngd_plugin.gram import sketch_pays, sketched_gram
 from fngd_plugin.samplers import ConvGrads, FactoredGrads
 
@@ -107,7 +108,8 @@ def test_sketch_option_checked_and_kept_in_state():
 
 
 @pytest.mark.parametrize("with_projection", [True, False])
-def test_tied_table_token_route_equals_rows_route(with_projection):
+@pytest.mark.parametrize("one_sample_blocks", [False, True])
+def test_tied_table_token_route_equals_rows_route(with_projection, one_sample_blocks, monkeypatch):
     # encoder and decoder embeddings sharing one table with the output projection (fairseq's
     # --share-all-embeddings): the token route is exact, like the rows route
     from fngd_plugin.gram import shared_table_gram
@@ -123,6 +125,8 @@ def test_tied_table_token_route_equals_rows_route(with_projection):
     if with_projection:
         reps.append(FactoredGrads(torch.randn(n, 5, 8, generator=g, dtype=torch.float64),
                                   torch.randn(n, 5, 50, generator=g, dtype=torch.float64), table, None))
+    if one_sample_blocks:  # the token route's products a sample's rows at a time
+        monkeypatch.setitem(S.BLOCK_ELEMENTS, "cpu", 1)
     rows = shared_table_gram(reps, route="rows")
     tokens = shared_table_gram(reps, route="tokens")
     # brute force: per-sample gradients of the table, summed over the modules
