@@ -20,6 +20,13 @@ schedule, damping 1e-3, and the layers our KFAC covers (Linear/Conv2d with facto
 BatchNorm, LayerNorm, Embedding left to SGD). ASDL SMW covers what its Gram hooks support; what it
 leaves out or cannot run is printed, not hidden. A configuration that fails is reported as such.
 
+Every KFAC instance (ours and ASDL's) takes a second warm-up step that updates factors and
+inverses: at the first step the convolutions of a residual branch whose last BatchNorm is
+zero-initialised get no gradient, and ASDL's Kron.update_inv skips an all-zero factor, so its
+later steps would leave those layers (16 of ResNet-18's 21) unpreconditioned, silently, and look
+cheaper for it. Before timing, every layer ASDL's K-FAC is meant to cover must have an inverse,
+else the configuration is reported as failed.
+
 Cost of the full run on a CPU: every step that inverts (1/1, +inverses, and each warm-up) factorises
 ResNet-18's 4609 x 4609 conv factors, ~1 min per step on 2 busy cores for ASDL's KFAC; meant for a GPU.
 """

@@ -62,10 +62,6 @@ def add_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Ten
                 out[id(p)] = (p, acc + g.reshape_as(acc))
 
 
-# elements of the token route's n T_e x (n T_e + n T_l) matrices it may hold (else: the rows route)
-_TOKEN_ROUTE_LIMIT = 2**27
-
-
 def _sizes(r: PerSampleGrads) -> tuple[int, int, int, int] | None:
     """(n, T, p, q) of a layer whose per-sample gradient is sum_t d_it a_it^T (q x p), else None."""
     if isinstance(r, FactoredGrads):
@@ -170,7 +166,7 @@ def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None
     if route is None:
         by_rows = 2 * n * n * rows.numel() * d
         by_tokens = ne * ne * d + ne * nl * (d + 1)
-        route = "tokens" if by_tokens < by_rows and ne * (ne + nl) <= _TOKEN_ROUTE_LIMIT else "rows"
+        route = "tokens" if by_tokens < by_rows else "rows"  # (the token route works in blocks of samples)
         if sketch is not None:
             k = sketch[0]
             by_sketch = ne * k * (d + k) + nl * k * (table.shape[0] + d + k) + n * n * k * k

@@ -285,8 +285,10 @@ class EmbeddingGrads(PerSampleGrads):
         q = self.D.shape[-1]
         uniq = torch.unique(self.idx)
         U = uniq.numel()
-        if U * n * q <= (n * T) ** 2 * q or 2 * (n * T) ** 2 > _ROUTE_MEMORY_LIMIT:
-            # per-sample gradients restricted to the U rows this batch touches
+        # rows route: n^2 U q (the Gram of the per-sample gradients restricted to the U rows the
+        # batch touches, n U q elements held); token route: (n T)^2 q, in blocks of samples. Rows
+        # wins when U <= T^2 (few distinct tokens), unless its n x U x q tensor would be too large
+        if n * n * U <= (n * T) ** 2 and n * U * q <= _ROUTE_MEMORY_LIMIT:
             return _gram_of([self.rows(uniq)])
         flat = self.idx.reshape(-1)
         with _in_range(self.D.reshape(n * T, q)) as (Df, unscale):

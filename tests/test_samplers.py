@@ -143,8 +143,9 @@ def test_token_routes_in_blocks_of_samples(f64, monkeypatch, block):
         lin = nn.Linear(6, 4, bias=bias)
         rep, U, _ = layer_case(lin, torch.randn(7, 3, 6))
         assert torch.allclose(S._token_gram(rep.A, rep.D, bias), U @ U.T, rtol=1e-10, atol=1e-12)
-    emb = nn.Embedding(5, 3)  # few distinct tokens: the token route
-    rep, U, _ = layer_case(emb, torch.randint(0, 5, (7, 3)))
+    emb = nn.Embedding(50, 3)  # more distinct tokens (U) than T^2 = 9: the token route
+    rep, U, _ = layer_case(emb, torch.arange(21).reshape(7, 3) * 2)
+    monkeypatch.setattr(rep, "rows", None)  # (the rows route would call it)
     assert torch.allclose(rep.gram(), U @ U.T, rtol=1e-10, atol=1e-12)
 
 
