@@ -283,6 +283,28 @@ def test_a_non_finite_inverse_is_detected_and_the_previous_one_kept(f64, method,
     assert torch.isfinite(snapshot(net)).all()
 
 
+def test_factors_stay_float32_when_some_steps_run_under_bf16_autocast():
+    """bf16 captures (autocast) become float32 statistics (the samplers' compute dtype), so a run
+    that switches autocast on and off keeps one factor dtype (the running average is one addmm into
+    the old factor); the bf16 step's statistics match float32 ones of the same bf16 inputs."""
+    net = Net()
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 4, (4,))
+    opt = KFAC(net.parameters(), lr=0.0, momentum=0.0, damping=LAM, factor_decay=0.0, factor_update_steps=1,
+               inv_update_steps=1)
+    for amp in (False, True):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+    st = opt.state[net.fc.weight]
+    assert st["kfac_A"].dtype == st["kfac_G"].dtype == torch.float32
+    h = torch.tanh(net.conv(x)).flatten(1).to(torch.bfloat16).float()  # the bf16 input the fc saw
+    a = torch.cat([h, torch.ones(4, 1)], dim=1)
+    assert torch.allclose(st["kfac_A"], a.T @ a / 4, rtol=2e-2, atol=2e-3)
+    assert torch.isfinite(snapshot(net)).all()
+
+
 def test_coverage_and_bad_input():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     opt = KFAC(model.parameters(), lr=0.1)
