@@ -150,8 +150,8 @@ def _block_elements(device: torch.device) -> int:
 def _sample_blocks(n: int, row_tokens: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
     """Blocks of samples [i0, i1) whose (i1 - i0) row_tokens x cols token-pair matrix has about as
     many elements as _chunked_gram's blocks: the token routes form their n T x n T products a block
-    of rows at a time, so a route's temporaries are a few MiB, not three (n T)^2 matrices (200 MiB
-    each for a fairseq batch of 4096 tokens)."""
+    of rows at a time, so a route's temporaries are a few MiB, not three (n T)^2 matrices (67 MiB
+    each in float32 for a fairseq batch of 4096 tokens)."""
     b = max(1, _block_elements(device) // max(1, row_tokens * cols))
     return [(i0, min(n, i0 + b)) for i0 in range(0, n, b)]
 
