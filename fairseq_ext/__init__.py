@@ -231,11 +231,12 @@ class FairseqKFAC(_Wrapped):
                     inv_update_steps=c.inv_update_steps, kl_clip=c.kl_clip, max_factor_dim=c.max_factor_dim)
 
 
-def find_fngd(optimizer: Any) -> Optional[FNGD]:
-    """The FNGD inside fairseq's optimizer wrappers (FP16Optimizer, AMPOptimizer, ...), if any."""
+def find_fngd(optimizer: Any, kind: type = FNGD) -> Any:
+    """The FNGD (or another ``kind``: KFAC) inside fairseq's optimizer wrappers (FP16Optimizer,
+    AMPOptimizer, ...), if any."""
     seen = 0
     while optimizer is not None and seen < 8:
-        if isinstance(optimizer, FNGD):
+        if isinstance(optimizer, kind):
             return optimizer
         optimizer = (getattr(optimizer, "fp32_optimizer", None) or getattr(optimizer, "wrapped_optimizer", None)
                      or getattr(optimizer, "_optimizer", None))
@@ -294,7 +295,7 @@ def _patch_hosts() -> None:
         return begin_epoch(self, epoch)
 
     def trainer_lr_step(self, epoch, val_loss=None):
-        opt = find_fngd(self.optimizer)
+        opt = find_fngd(self.optimizer, (FNGD, KFAC))
         if opt is not None:  # fairseq_cli.train calls lr_step once at the end of every epoch
             opt.log_epoch()
         return lr_step(self, epoch, val_loss)

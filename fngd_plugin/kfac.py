@@ -22,6 +22,7 @@ with weight decay. Other parameters keep their gradient (plain SGD), reported at
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
@@ -34,6 +35,7 @@ from .options import check_choice, check_number, check_sgd_args
 from .samplers import ConvGrads, unsupported_reason
 
 INVERSE_METHODS = ("eigen", "cholesky")
+logger = logging.getLogger("fngd_plugin")
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,6 +145,7 @@ class KFAC(CaptureOptimizer):
         self.kl_clip = kl_clip
         self.inverse_dtype = inverse_dtype
         self._steps = 0
+        self._epoch_start: dict[str, int] = {}  # stats() at the last epoch line
         self._layers: dict[int, tuple[Tensor, Tensor | None]] = {}  # weight index -> (weight, bias)
 
     def _unsupported(self, module: nn.Module) -> str | None:
@@ -166,6 +169,27 @@ class KFAC(CaptureOptimizer):
         return {"steps": self._steps, "layers": len(self._layers), **c,
                 "unpreconditioned": dict(self.unpreconditioned), "discarded_batches": self.discarded_batches}
 
+    def epoch_line(self) -> str:
+        """What KFAC did since the last epoch line: steps, factor and inverse updates with their
+        failures (each kept the previous factors / inverse), skipped steps, and what it could not
+        precondition, by cause (the hosts log it per epoch, as FNGD's)."""
+        s = self.stats()
+        d = {k: s[k] - self._epoch_start.get(k, 0) for k in ("steps", *self.counter_names)}
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(self.unpreconditioned.items())) or "none"
+        return (f"KFAC epoch: {d['steps']} steps, {d['factor_updates']} factor updates ({d['factor_failures']} "
+                f"non-finite layer factors, previous kept), {d['inverse_updates']} inverse updates "
+                f"({d['inverse_failures']} failed layer inverses, previous kept), {d['skipped']} steps skipped "
+                f"(non-finite directions); not preconditioned (all epochs): {causes}; batches discarded by the "
+                f"host: {self.discarded_batches}")
+
+    def log_epoch(self) -> None:
+        """Log :meth:`epoch_line` if a step was taken since the last one (hosts call it when an epoch ends)."""
+        if self._steps == self._epoch_start.get("steps", 0):
+            return
+        logger.info(self.epoch_line())
+        s = self.stats()
+        self._epoch_start = {k: s[k] for k in ("steps", *self.counter_names)}
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["kfac"] = {"steps": self._steps, "counters": {k: v.cpu().clone() for k, v in self._counters.items()}}
@@ -178,6 +202,8 @@ class KFAC(CaptureOptimizer):
             self._steps = int(extra["steps"])
             # a checkpoint from before a counter existed starts that counter at zero
             self._counters.update({k: v.clone() for k, v in extra["counters"].items()})
+            s = self.stats()  # the next epoch line counts from the resumed step
+            self._epoch_start = {k: s[k] for k in ("steps", *self.counter_names)}
         self._layers = {self._index[id(p)]: (p, None) for p in self._params if "kfac_A" in self.state[p]}
         for p in self._params:  # re-pair each bias with its weight
             bias_of = self.state[p].get("kfac_bias_of")

@@ -236,6 +236,11 @@ def test_real_fairseq_train_other_optimizers(corpus, tmp_path, opt_args):
               "--save-dir", str(tmp_path))
     losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| train | epoch" in line]
     assert len(losses) == 2 and losses[1] < losses[0], losses
+    if "kfac" in opt_args:  # KFAC's epoch line, once per epoch, with that epoch's updates
+        kfac = re.findall(r"KFAC epoch: (\d+) steps, (\d+) factor updates \((\d+) non-finite", log)
+        updates = [int(train_lines(log)[e]["num_updates"]) for e in (1, 2)]
+        assert [int(k[0]) for k in kfac] == [updates[0], updates[1] - updates[0]], (kfac, updates)
+        assert all(k[2] == "0" for k in kfac)
     if "fngd" in opt_args:
         # every micro-batch of epoch 1 solved on its own; the epoch's batches are counted by position
         solves = int(log.split("FNGD: collect epoch 0 done: ")[1].split()[0])

@@ -212,11 +212,13 @@ def test_state_dict_resume_identical():
     opt2 = KFAC(net2.parameters(), lr=0.1, factor_update_steps=2, inv_update_steps=3)
     net2.load_state_dict(ck["m"])
     opt2.load_state_dict(ck["o"])
+    assert opt2.epoch_line().startswith("KFAC epoch: 0 steps, 0 factor updates")  # counts from the resume
     for x, y in data[4:]:
         opt2.zero_grad()
         F.cross_entropy(net2(x), y).backward()
         opt2.step()
     assert torch.equal(snapshot(net2), final)
+    assert opt2.epoch_line().startswith(f"KFAC epoch: {len(data) - 4} steps")
 
 
 def test_failed_inverse_keeps_parameters_finite(monkeypatch):
@@ -247,6 +249,9 @@ def test_failed_inverse_keeps_parameters_finite(monkeypatch):
         opt.step()
     assert torch.equal(snapshot(net), p1)
     assert opt.stats()["factor_failures"] == 2 and opt.stats()["skipped"] == 1
+    line = opt.epoch_line()  # what a host logs at the epoch's end: both steps, the failures
+    assert line.startswith("KFAC epoch: 2 steps, 2 factor updates (2 non-finite layer factors")
+    assert "1 steps skipped" in line
     for m, k, before in factors:  # the previous factors, bit for bit
         assert torch.equal(opt.state[m.weight][k], before)
 

@@ -124,6 +124,27 @@ def loaders(root, batch=64, size=16, val="validation"):
     return tl, vl
 
 
+def test_kfac_epoch_line_is_logged_when_the_loader_runs_out(digits_dir, caplog):
+    """KFAC, like FNGD, reports each epoch: its steps, factor / inverse updates and their failures,
+    and what it could not precondition (here: timm's test_resnet BatchNorms are left to SGD)."""
+    caplog.set_level("INFO", logger="fngd_plugin")
+    tl, _ = loaders(digits_dir)
+    steps = len(tl)
+    model = timm.create_model("test_resnet", num_classes=10)
+    opt = create_optimizer_v2(model, opt="kfac", lr=0.05, weight_decay=0.0)
+    for _ in range(2):
+        for x, y in tl:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KFAC epoch")]
+    assert len(lines) == 2, lines
+    for epoch, line in enumerate(lines):  # factors every 10 steps (the default), counted per epoch
+        factors = sum(1 for k in range(epoch * steps, (epoch + 1) * steps) if k % 10 == 0)
+        assert line.startswith(f"KFAC epoch: {steps} steps, {factors} factor updates (0 non-finite"), line
+        assert "0 steps skipped" in line and "not preconditioned (all epochs): none" in line
+
+
 def test_training_loader_signals_epochs(digits_dir, caplog):
     caplog.set_level("INFO", logger="fngd_plugin")
     tl, vl = loaders(digits_dir)

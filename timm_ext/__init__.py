@@ -34,7 +34,7 @@ from fngd_plugin import FNGD, KFAC
 __all__ = ["TimmFNGD", "TimmKFAC", "register", "cifar_resnet18", "cifar_resnet18_w16"]
 
 _logger = logging.getLogger("fngd_plugin")
-_live: weakref.WeakSet[FNGD] = weakref.WeakSet()
+_live: weakref.WeakSet[FNGD | KFAC] = weakref.WeakSet()
 
 
 class TimmFNGD(FNGD):
@@ -50,16 +50,18 @@ class TimmKFAC(KFAC):
 
     def __init__(self, params: Any, foreach: bool | None = None, **kwargs: Any):
         super().__init__(params, **kwargs)
+        _live.add(self)  # its epoch line, too
 
 
 def _signal_new_epoch() -> None:
     for opt in list(_live):
-        opt.begin_epoch()
+        if isinstance(opt, FNGD):
+            opt.begin_epoch()
 
 
 def _log_epoch() -> None:
     for opt in list(_live):
-        opt.log_epoch()  # one line: steps solved / steps in collect, reuse steps, what was not preconditioned
+        opt.log_epoch()  # one line: steps solved / steps in collect (KFAC: its updates), what was not preconditioned
 
 
 def _wrap_training_loader(loader: Any) -> Any:
