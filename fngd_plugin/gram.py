@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .samplers import ConvGrads, EmbeddingGrads, FactoredGrads, PerSampleGrads, _gram_of, _sample_blocks, _token_sums
+from .samplers import (
+    ConvGrads,
+    EmbeddingGrads,
+    FactoredGrads,
+    PerSampleGrads,
+    _gram_of,
+    _same_token_pairs,
+    _token_pair_sums,
+)
 
 
 def shared_blocks(reps: dict[nn.Module, PerSampleGrads], index: dict[int, int]) -> dict[int, list[PerSampleGrads]]:
@@ -199,17 +207,16 @@ def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None
         C = lins[0].rows(rows).reshape(n, -1) @ E.T if lins else None
     else:
         Df, flat, Te = De.reshape(ne, d), idx.reshape(-1), idx.shape[1]
+        K = _token_pair_sums(_same_token_pairs(flat, Df), n, Te, Te, Df.device)  # as EmbeddingGrads'
+        C = None
         if lins:
             A, Dl = lins[0].A, lins[0].D  # (n, T_l, d), (n, T_l, V)
             Af, Dlf = A.reshape(-1, d).to(Df.dtype), Dl.reshape(-1, Dl.shape[-1])
-        Kb, Cb = [], []  # a block of samples' rows at a time (samplers._sample_blocks)
-        for i0, i1 in _sample_blocks(n, Te, ne + nl, Df.device):
-            rows = slice(i0 * Te, i1 * Te)
-            Kb.append((Df[rows] @ Df.T).mul_(flat[rows, None] == flat[None, :]))
-            if lins:  # (n T_e, n T_l): (d_it . a_js) D_js[x_it]
-                Cb.append((Df[rows] @ Af.T).mul_(Dlf[:, flat[rows]].T.to(Df.dtype)))
-        K = _token_sums(Kb, n, Te, Te)
-        C = _token_sums(Cb, n, Te, A.shape[1]).T if lins else None  # C[j, i] = <G_lin_j, G_emb_i>
+
+            def cross(rows: slice) -> Tensor:  # (d_it . a_js) D_js[x_it], token rows of the embeddings
+                return (Df[rows] @ Af.T).mul_(Dlf[:, flat[rows]].T.to(Df.dtype))
+
+            C = _token_pair_sums(cross, n, Te, A.shape[1], Df.device).T  # C[j, i] = <G_lin_j, G_emb_i>
     if lins:
         own = sketched_gram(lins[0], *sketch) if sketch is not None and sketch_pays(lins[0], sketch[0]) \
             else lins[0].gram()

@@ -173,8 +173,8 @@ class KFAC(CaptureOptimizer):
         """What KFAC did since the last epoch line: steps, factor and inverse updates with their
         failures (each kept the previous factors / inverse), skipped steps, and what it could not
         precondition, by cause (the hosts log it per epoch, as FNGD's)."""
-        s = self.stats()
-        d = {k: s[k] - self._epoch_start.get(k, 0) for k in ("steps", *self.counter_names)}
+        now = self._counts()
+        d = {k: v - self._epoch_start.get(k, 0) for k, v in now.items()}
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.unpreconditioned.items())) or "none"
         return (f"KFAC epoch: {d['steps']} steps, {d['factor_updates']} factor updates ({d['factor_failures']} "
                 f"non-finite layer factors, previous kept), {d['inverse_updates']} inverse updates "
@@ -187,8 +187,11 @@ class KFAC(CaptureOptimizer):
         if self._steps == self._epoch_start.get("steps", 0):
             return
         logger.info(self.epoch_line())
-        s = self.stats()
-        self._epoch_start = {k: s[k] for k in ("steps", *self.counter_names)}
+        self._epoch_start = self._counts()
+
+    def _counts(self) -> dict[str, int]:
+        """Steps and counters, what the epoch line counts since the last one."""
+        return {"steps": self._steps, **{k: int(v) for k, v in self._counters.items()}}
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -202,8 +205,7 @@ class KFAC(CaptureOptimizer):
             self._steps = int(extra["steps"])
             # a checkpoint from before a counter existed starts that counter at zero
             self._counters.update({k: v.clone() for k, v in extra["counters"].items()})
-            s = self.stats()  # the next epoch line counts from the resumed step
-            self._epoch_start = {k: s[k] for k in ("steps", *self.counter_names)}
+            self._epoch_start = self._counts()  # the next epoch line counts from the resumed step
         self._layers = {self._index[id(p)]: (p, None) for p in self._params if "kfac_A" in self.state[p]}
         for p in self._params:  # re-pair each bias with its weight
             bias_of = self.state[p].get("kfac_bias_of")
@@ -245,23 +247,24 @@ class KFAC(CaptureOptimizer):
                     alpha = float(rep.n) / (N * Af.shape[0])
                     key = self._index[id(weight)]
                     self._layers[key] = (weight, bias)
-                    old = None if key in fresh else self.state[weight].get("kfac_A")
-                    w = fresh[key][2] if key in fresh else (1.0 if old is None else 1 - d)
-                    if back is None and key in fresh:
-                        fresh[key][0].addmm_(Af.T, Af, alpha=w * alpha)
-                    elif back is None:
-                        a_new = (torch.mm(Af.T, Af).mul_(alpha) if old is None  # the first statistics are the factors
-                                 else torch.addmm(old, Af.T, Af, beta=d, alpha=w * alpha))
-                    else:  # patches in channels-last order: the p x p statistic is put back in the weight's
-                        S = torch.mm(Af.T, Af)[back[:, None], back[None, :]]
-                        if key in fresh:
-                            fresh[key][0].add_(S, alpha=w * alpha)
+                    # channels-last patches: the p x p statistic is put back in the weight's order
+                    S = None if back is None else torch.mm(Af.T, Af)[back[:, None], back[None, :]]
+                    if key in fresh:  # a later micro-batch of this step: add its statistics
+                        a_acc, g_acc, w = fresh[key]
+                        if S is not None:
+                            a_acc.add_(S, alpha=w * alpha)
                         else:
-                            a_new = S.mul_(alpha) if old is None else torch.lerp(old, S.mul_(alpha), w)
-                    if key in fresh:
-                        fresh[key][1].addmm_(Df.T, Df)
+                            a_acc.addmm_(Af.T, Af, alpha=w * alpha)
+                        g_acc.addmm_(Df.T, Df)
+                        continue
+                    old = self.state[weight].get("kfac_A")
+                    w = 1.0 if old is None else 1 - d  # the first statistics are the factors
+                    if S is not None:
+                        a_new = S.mul_(alpha) if old is None else torch.lerp(old, S.mul_(alpha), w)
                     else:
-                        fresh[key] = [a_new, torch.mm(Df.T, Df), w]
+                        a_new = (torch.mm(Af.T, Af).mul_(alpha) if old is None
+                                 else torch.addmm(old, Af.T, Af, beta=d, alpha=w * alpha))
+                    fresh[key] = [a_new, torch.mm(Df.T, Df), w]
         # G: true per-sample output gradients are N kappa delta, so G_batch = N kappa^2 sum_m D_m^T D_m
         g_scale = (N * kappa * kappa).to(next(iter(fresh.values()))[1].dtype)
         finite = []

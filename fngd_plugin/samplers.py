@@ -156,10 +156,20 @@ def _sample_blocks(n: int, row_tokens: int, cols: int, device: torch.device) -> 
     return [(i0, min(n, i0 + b)) for i0 in range(0, n, b)]
 
 
-def _token_sums(blocks: list[Tensor], n: int, Ta: int, Tb: int) -> Tensor:
-    """(n, n) from row blocks of token-pair products P[(i, t), (j, s)]: sum over t and s."""
-    rows = [P if Ta == Tb == 1 else P.view(-1, Ta, n, Tb).sum(dim=(1, 3)) for P in blocks]
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+def _token_pair_sums(pairs: Callable[[slice], Tensor], n: int, Ta: int, Tb: int, device: torch.device) -> Tensor:
+    """(n, n) M_ij = sum_{t,s} P[(i, t), (j, s)], with ``pairs(rows)`` the rows of the token-pair
+    matrix P (n Ta x n Tb) for a slice of token rows, called a block of samples at a time
+    (_sample_blocks)."""
+    out = []
+    for i0, i1 in _sample_blocks(n, Ta, n * Tb, device):
+        P = pairs(slice(i0 * Ta, i1 * Ta))
+        out.append(P if Ta == Tb == 1 else P.view(-1, Ta, n, Tb).sum(dim=(1, 3)))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _same_token_pairs(flat: Tensor, Df: Tensor) -> Callable[[slice], Tensor]:
+    """Token pairs of an embedding table: P[(i,t), (j,s)] = [x_it = x_js] d_it . d_js."""
+    return lambda rows: (Df[rows] @ Df.T).mul_(flat[rows, None] == flat[None, :])
 
 
 def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
@@ -168,13 +178,15 @@ def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
     Af = A.reshape(n * T, p)
     # output gradients are what can be tiny (_pow2); activations are not rescaled
     with _in_range(D.reshape(n * T, D.shape[-1])) as (Df, unscale):
-        blocks = []
-        for i0, i1 in _sample_blocks(n, T, n * T, Af.device):
-            AA = Af[i0 * T:i1 * T] @ Af.T
+
+        def pairs(rows: slice) -> Tensor:
+            AA = Af[rows] @ Af.T
             if bias:
                 AA += 1
-            blocks.append(AA.mul_(Df[i0 * T:i1 * T] @ Df.T))
-    return unscale(_token_sums(blocks, n, T, T))
+            return AA.mul_(Df[rows] @ Df.T)
+
+        K = _token_pair_sums(pairs, n, T, T, Af.device)
+    return unscale(K)
 
 
 def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
@@ -290,14 +302,9 @@ class EmbeddingGrads(PerSampleGrads):
         # wins when U <= T^2 (few distinct tokens), unless its n x U x q tensor would be too large
         if n * n * U <= (n * T) ** 2 and n * U * q <= _ROUTE_MEMORY_LIMIT:
             return _gram_of([self.rows(uniq)])
-        flat = self.idx.reshape(-1)
         with _in_range(self.D.reshape(n * T, q)) as (Df, unscale):
-            blocks = []
-            for i0, i1 in _sample_blocks(n, T, n * T, Df.device):
-                rows = slice(i0 * T, i1 * T)
-                same = flat[rows, None] == flat[None, :]
-                blocks.append((Df[rows] @ Df.T).mul_(same))
-        return unscale(_token_sums(blocks, n, T, T))
+            K = _token_pair_sums(_same_token_pairs(self.idx.reshape(-1), Df), n, T, T, Df.device)
+        return unscale(K)
 
     def rows(self, idx: Tensor) -> Tensor:
         """Per-sample gradients restricted to the sorted rows ``idx`` (which must hold every used row)."""
