@@ -64,6 +64,10 @@ CAUSES = {
                       "forward, e.g. retain_graph=True) after FNGD had compacted the first into per-sample "
                       "gradients, so its parameters got the plain gradient in this step. Run one backward per "
                       "forward (sum the losses first), or pass compact=False.",
+    "no_inverse": "a KFAC layer had no inverse to apply (its first inverse update failed on singular or "
+                  "non-finite factors, or it first received a gradient after the last inverse update), so its "
+                  "gradient was used unpreconditioned in this step, until an inverse update succeeds. A larger "
+                  "damping or inverse='eigen' avoids the first; a smaller inv_update_steps shortens the second.",
     "root_mismatch": "a reuse step found no output tensor of the model whose batch size matches the stored "
                      "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
                      "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",

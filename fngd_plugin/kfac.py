@@ -317,7 +317,8 @@ class KFAC(CaptureOptimizer):
                 # keep the previous inverse (or none: plain SGD for this layer); never corrupt parameters
                 self._add("inverse_failures", torch.ones((), dtype=torch.float64))
                 self._warn_once("inverse", "KFAC: an inverse update failed (non-finite or singular factors); "
-                                "the layer keeps its previous inverse")
+                                "the layer keeps its previous inverse (none yet: its plain gradient, counted in "
+                                "stats()['unpreconditioned']['no_inverse'])")
                 continue
             st.update({k: v.to(weight.dtype) for k, v in new.items()})
         self._add("inverse_updates", torch.ones((), dtype=torch.float64))
@@ -327,9 +328,13 @@ class KFAC(CaptureOptimizer):
         vg_sum = None
         done: list[tuple[Tensor, Tensor | None, Tensor, float]] = []
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        missing = 0
         for weight, bias in self._layers.values():
             st = self.state[weight]
-            if weight.grad is None or ("kfac_QA" not in st and "kfac_Ainv" not in st):
+            if weight.grad is None:
+                continue
+            if "kfac_QA" not in st and "kfac_Ainv" not in st:
+                missing += 1  # no inverse yet: plain gradient, counted below (CAUSES['no_inverse'])
                 continue
             V = weight.grad.reshape(weight.shape[0], -1)
             if bias is not None:
@@ -347,6 +352,8 @@ class KFAC(CaptureOptimizer):
             term = (P * V).sum() * lr**2
             vg_sum = term if vg_sum is None else vg_sum + term
             done.append((weight, bias, P, lr))
+        if missing:
+            self._unengaged("no_inverse", f" ({missing} layers)")
         if not done:
             return
         nu = None

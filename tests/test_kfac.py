@@ -235,6 +235,9 @@ def test_failed_inverse_keeps_parameters_finite(monkeypatch):
     with pytest.warns(RuntimeWarning, match="inverse update failed"):
         opt.step()
     assert opt.stats()["inverse_failures"] == 2
+    # no inverse at all yet: both layers took their plain gradient, counted and warned with the cause
+    assert opt.stats()["unpreconditioned"] == {"no_inverse": 1}
+    assert "not preconditioned (all epochs): no_inverse 1" in opt.epoch_line()
     assert torch.isfinite(snapshot(net)).all()
     # NaN in the batch: factors are not updated with it, the step is skipped
     monkeypatch.undo()
