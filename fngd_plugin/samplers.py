@@ -124,18 +124,36 @@ def _gram_of(grads: Sequence[Tensor]) -> Tensor:
     return K
 
 
-def _use_token_route(n: int, T: int, p: int, q: int) -> bool:
-    """Token route (cost (nT)^2 (p+q)) or materialising g_i (cost nTpq + n^2 pq), memory permitting."""
-    token_flops = (n * T) ** 2 * (p + q)
-    mat_flops = n * T * p * q + n * n * p * q
-    token_mem = 2 * (n * T) ** 2
-    mat_mem = n * p * q
-    use_token = token_flops <= mat_flops
-    if use_token and token_mem > _ROUTE_MEMORY_LIMIT and mat_mem <= _ROUTE_MEMORY_LIMIT:
-        use_token = False
-    elif not use_token and mat_mem > _ROUTE_MEMORY_LIMIT and token_mem <= _ROUTE_MEMORY_LIMIT:
-        use_token = True
-    return use_token
+# Relative cost of the exact Gram routes per device: (cost of one multiply-add of the materialising
+# route relative to one of a large GEMM, cost of one elementwise pass over a token-pair entry in
+# multiply-adds). Measured on this project's 2-core CPU with benchmarks/gram_routes.py (the token
+# route's large GEMMs run 1.3-4x more multiply-adds per second than the materialising route's
+# batched ones and skinny n x n products); the other devices' entry is not measured.
+ROUTE_COST = {"cpu": (2.5, 50.0), "cuda": (1.0, 50.0)}
+
+
+def _route_costs(n: int, T: int, p: int, q: int, device: torch.device | str = "cpu",
+                 pixels: tuple[int, int, int] | None = None) -> dict[str, float]:
+    """Estimated cost of each exact Gram route of g_i = sum_t d_it a_it^T (q x p), in multiply-adds of
+    a large GEMM: "token", the (nT)^2 token-pair products ((nT)^2 (p + q)) and two passes over them;
+    "materialize", g_i a block at a time (n T p q + n^2 p q); with ``pixels = (P, C, k)`` (a
+    convolution's P input pixels, C input channels and k kernel positions, p = C k), "pixel": the
+    (nP)^2 C pixel-pair products, shifted and added once per kernel position (ConvGrads._pixel_gram),
+    instead of (nT)^2 C k patch-pair products."""
+    mat_factor, elem = ROUTE_COST.get(torch.device(device).type, ROUTE_COST["cuda"])
+    pairs = (n * T) ** 2
+    costs = {"token": pairs * (p + q + 2 * elem), "materialize": mat_factor * (n * T * p * q + n * n * p * q)}
+    if pixels is not None:
+        P, C, k = pixels
+        costs["pixel"] = (n * P) ** 2 * C + pairs * (q + (k + 2) * elem)
+    return costs
+
+
+def _use_token_route(n: int, T: int, p: int, q: int, device: torch.device | str = "cpu") -> bool:
+    """Whether the token route is the cheaper of the two routes of a Linear (_route_costs). Both
+    work a block of samples at a time, so neither needs a memory cap."""
+    costs = _route_costs(n, T, p, q, device)
+    return costs["token"] <= costs["materialize"]
 
 
 # elements of one block of the blocked Gram routes (measured on a 2-core CPU: a block that stays in
@@ -218,13 +236,14 @@ class FactoredGrads(PerSampleGrads):
         self.params = (weight,) if bias is None else (weight, bias)
         self.n = A.shape[0]
 
+    def _gram_route(self) -> str:
+        n, T, p = self.A.shape
+        return "token" if T == 1 or _use_token_route(n, T, p, self.D.shape[-1], self.A.device) else "chunked"
+
     def gram(self, keep: bool = False) -> Tensor:
         # never keeps: the weighted sum is one GEMM, cheaper than keeping n per-sample gradients
-        n, T, p = self.A.shape
-        q = self.D.shape[-1]
-        if T == 1 or _use_token_route(n, T, p, q):
-            return _token_gram(self.A, self.D, self.bias is not None)
-        return _chunked_gram(self.A, self.D, self.bias is not None)
+        route = _token_gram if self._gram_route() == "token" else _chunked_gram
+        return route(self.A, self.D, self.bias is not None)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
         cached = self._cached_weighted(w)
@@ -414,18 +433,84 @@ class ConvGrads(PerSampleGrads):
         return self._gram_route() == "materialize"
 
     def _gram_route(self) -> str:
-        """"token", "chunked" (both from unfolded patches) or "materialize" (grouped convolution)."""
-        T = self._tokens()
-        if self.module.groups == 1 and _use_token_route(self.n, T, self.weight[0].numel(), self.weight.shape[0]):
-            return "token"
-        if self.module.groups == 1 and T <= 256:  # measured: unfold + blocked bmm beats the grouped convolution
-            return "chunked"
-        return "materialize"
+        """"token", "pixel", "chunked" (both materialising routes a block at a time) or "materialize"
+        (one grouped convolution), whichever _route_costs estimates cheapest."""
+        if self.module.groups != 1:
+            return "materialize"
+        n, T = self.n, self._tokens()
+        p, q = self.weight[0].numel(), self.weight.shape[0]
+        costs = _route_costs(n, T, p, q, self.weight.device, self._pixels())
+        route = min(costs, key=costs.__getitem__)
+        if route != "materialize":
+            return route
+        # measured: for T <= 256 the blocked bmm beats the grouped convolution, which also needs n p q
+        return "chunked" if T <= 256 or n * p * q > _ROUTE_MEMORY_LIMIT else "materialize"
+
+    def _pixels(self) -> tuple[int, int, int] | None:
+        """(input pixels, input channels, kernel positions) for the pixel route: one call, a kernel
+        larger than 1 x 1 (else it is the token route)."""
+        kh, kw = self.module.kernel_size
+        if len(self.calls) != 1 or kh * kw == 1:
+            return None
+        a = self.calls[0][0]
+        H, W = a.shape[2:]
+        if isinstance(self.module.padding, str) or self.module.padding_mode != "zeros":  # padded explicitly
+            left, right, top, bottom = self.module._reversed_padding_repeated_twice
+            H, W = H + top + bottom, W + left + right
+        return H * W, a.shape[1], kh * kw
+
+    def _pixel_gram(self) -> Tensor:
+        """K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js) with the patch products A_it.A_js formed from
+        the pixel products: a patch is the kernel's k positions around its centre, so A_it.A_js is a
+        sum of k pixel products x_i(t + o).x_j(s + o) over the kernel offsets o (pixels outside the
+        zero padding count zero). One (nP)^2 C GEMM then k shifted additions, instead of the token
+        route's (nT)^2 C k GEMM: 1.7-3.8x faster for ResNet layers of 64-512 channels at 4x4 to 8x8
+        positions on a CPU (benchmarks/gram_routes.py). Pixel-major order (position, sample), so
+        each shifted addition copies runs of n contiguous values; a block of samples at a time."""
+        m = self.module
+        a, delta = self.calls[0]
+        a, padding = self._padded(a)
+        ph, pw = (0, 0) if padding == 0 else padding
+        n, C, H, W = a.shape
+        q, Ho, Wo = delta.shape[1:]
+        (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
+
+        def valid(k: int, dil: int, pad: int, stride: int, size: int, out: int) -> list[tuple[slice, slice]]:
+            """Per kernel offset: the output positions whose input position y stride + offset lies in
+            the input, and those input positions."""
+            spans = []
+            for u in range(k):
+                off = u * dil - pad
+                y0, y1 = max(0, -(off // stride)), min(out, (size - 1 - off) // stride + 1)
+                if y0 < y1:
+                    spans.append((slice(y0, y1), slice(y0 * stride + off, (y1 - 1) * stride + off + 1, stride)))
+            return spans
+
+        shifts = [(yo, xo, yi, xi) for yo, yi in valid(kh, dh, ph, sh, H, Ho)
+                  for xo, xi in valid(kw, dw, pw, sw, W, Wo)]
+        X = a.permute(2, 3, 0, 1).reshape(H, W, n, C)
+        Xf = X.reshape(-1, C)
+        out = []
+        with _in_range(delta.permute(2, 3, 0, 1).reshape(-1, q)) as (Df, unscale):
+            Dv = Df.view(Ho, Wo, n, q)
+            for i0, i1 in _sample_blocks(n, H * W, n * H * W, a.device):
+                b = i1 - i0
+                XX = (X[:, :, i0:i1].reshape(-1, C) @ Xf.T).view(H, W, b, H, W, n)
+                AA = XX.new_full((Ho, Wo, b, Ho, Wo, n), 1.0 if self.bias is not None else 0.0)
+                for yo, xo, yi, xi in shifts:
+                    AA[yo, xo, :, yo, xo] += XX[yi, xi, :, yi, xi]
+                del XX
+                P = AA.view(Ho * Wo * b, -1).mul_(Dv[:, :, i0:i1].reshape(-1, q) @ Df.T)
+                out.append(P.view(Ho * Wo, b, Ho * Wo, n).sum(dim=(0, 2)))
+            K = out[0] if len(out) == 1 else torch.cat(out)
+        return unscale(K)
 
     def gram(self, keep: bool = False) -> Tensor:
         route = self._gram_route()
         if route == "token":
             return _token_gram(*self.kron_factors(any_order=True), self.bias is not None)
+        if route == "pixel":
+            return self._pixel_gram()
         if route == "chunked":
             return _chunked_gram(*self.kron_factors(any_order=True), self.bias is not None)
         grads = self.materialize()

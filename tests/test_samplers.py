@@ -112,6 +112,55 @@ def test_conv2d_patches_against_unfold(f64, kw, channels_last):
     check_rep(rep, U, names, layer)
 
 
+PIXEL_ROUTE_CASES = CONV_PATCH_CASES + [
+    dict(padding=1, bias=False),
+    dict(kernel_size=(5, 3), padding=(2, 0)),
+    dict(stride=3, padding=3, dilation=2),
+    dict(padding=0),
+]
+
+
+@pytest.mark.parametrize("kw", PIXEL_ROUTE_CASES)
+@pytest.mark.parametrize("block", [None, 1])  # one block / a block per sample
+def test_conv2d_pixel_route(f64, monkeypatch, kw, block):
+    """The pixel route (patch products as k shifted pixel products) against torch.func's per-sample
+    gradients: strides, dilation, implicit and explicit (string, reflect, circular) padding, kernels
+    that are not square, and in blocks of one sample."""
+    kw = dict(kw)
+    layer = nn.Conv2d(5, 4, kw.pop("kernel_size", 3), **kw)
+    rep, U, names = layer_case(layer, torch.randn(3, 5, 7, 6))
+    if block is not None:
+        pixels = rep._pixels()[0]
+        monkeypatch.setitem(S.BLOCK_ELEMENTS, "cpu", block * pixels * 3 * pixels)
+        assert len(S._sample_blocks(3, pixels, 3 * pixels, torch.device("cpu"))) == 3
+    calls = []
+    real = rep._pixel_gram
+    monkeypatch.setattr(rep, "_pixel_gram", lambda: calls.append(1) or real())
+    monkeypatch.setattr(rep, "_gram_route", lambda: "pixel")
+    check_rep(rep, U, names, layer)
+    assert calls == [1]
+
+
+def test_gram_routes_picked_by_cost():
+    """The cost model picks the pixel route where its k shifted additions are cheaper than the k times
+    wider patch products (a ResNet's last stage), never for a 1x1 kernel or a module called twice
+    (whose cross-call pairs it does not form); a layer whose per-sample gradients would not fit at
+    once is no longer pushed to a 3x dearer token route (both routes work in blocks)."""
+    conv = nn.Conv2d(512, 512, 3, padding=1)
+    rep = S.ConvGrads(conv, torch.zeros(128, 512, 4, 4), torch.zeros(128, 512, 4, 4))
+    assert rep._pixels() == (16, 512, 9) and rep._gram_route() == "pixel"
+    one = nn.Conv2d(512, 512, 1)
+    assert S.ConvGrads(one, torch.zeros(128, 512, 4, 4), torch.zeros(128, 512, 4, 4))._pixels() is None
+    twice = S.ConvGrads.cat([S.ConvGrads(conv, torch.zeros(8, 512, 4, 4), torch.zeros(8, 512, 4, 4))
+                             for _ in range(2)])
+    assert twice._pixels() is None and twice._gram_route() != "pixel"
+    n, T, p, q = 136, 30, 256, 8000  # an untied 8000-word output projection at 4080 tokens
+    assert n * p * q > S._ROUTE_MEMORY_LIMIT
+    costs = S._route_costs(n, T, p, q, "cpu")
+    assert (n * T) ** 2 * (p + q) > 2.5 * (n * T * p * q + n * n * p * q)  # by flops alone
+    assert costs["materialize"] < costs["token"] and not S._use_token_route(n, T, p, q)
+
+
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=1, groups=2, bias=False)])
 def test_conv2d_large_spatial_grouped_route(f64, kw):
     # T > 256: per-sample gradients by one grouped weight-gradient convolution (batch as groups)
@@ -285,8 +334,8 @@ def test_tied_linears_exact_by_materialising_then_approximated_over_the_limit(f6
     assert torch.isfinite(step).all() and float((step - expected).norm() / expected.norm()) > 1e-6
 
 
-@pytest.mark.parametrize("make", ["linear_tokens", "linear_rows", "conv", "embedding"])
-def test_gram_of_tiny_gradients_keeps_its_precision(make):
+@pytest.mark.parametrize("make", ["linear_tokens", "linear_rows", "conv", "conv_pixels", "embedding"])
+def test_gram_of_tiny_gradients_keeps_its_precision(make, monkeypatch):
     """float32 output gradients of 2^-90 (deep networks' early layers after some steps; a tiny loss
     scale): their products lie below float32's range (under 2^-149), so a Gram taken of them as
     they are is lost (zero or a few bits). The samplers scale by a power of two and return K in
@@ -301,9 +350,11 @@ def test_gram_of_tiny_gradients_keeps_its_precision(make):
             assert not S._use_token_route(7, T, p, q)
         layer = nn.Linear(p, q)
         build = lambda d: S.FactoredGrads(A, d, layer.weight, layer.bias)  # noqa: E731
-    elif make == "conv":
+    elif make.startswith("conv"):
         layer = nn.Conv2d(3, 4, 3, padding=1)
         a, delta = torch.randn(5, 3, 6, 6), torch.randn(5, 4, 6, 6)
+        if make == "conv_pixels":
+            monkeypatch.setattr(S.ConvGrads, "_gram_route", lambda self: "pixel")
         build = lambda d: S.ConvGrads(layer, a, d)  # noqa: E731
         D = delta
     else:
