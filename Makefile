@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_asdl.py
 	$(PY) benchmarks/step_cost.py --out results/benchmark.md
 	$(PY) benchmarks/collect_profile.py --out results/collect_profile.md
+	$(PY) benchmarks/gram_routes.py --out results/gram_routes.md
 	$(PY) benchmarks/fallback_cost.py --out results/fallback_cost.md
 	$(PY) benchmarks/sketch_cost.py --out results/sketch_cost.md
 	$(PY) benchmarks/peers.py --quick --out results/peers.md

@@ -1,14 +1,17 @@
 """Where FNGD's collect step spends its time and memory at the batch sizes people train with.
 
-    python benchmarks/collect_profile.py            # CPU sizes (about 20 minutes on 2 cores)
+    python benchmarks/collect_profile.py            # CPU sizes (about 17 minutes on 2 cores)
     python benchmarks/collect_profile.py --full     # GPU sizes
 
 For each model and batch: an SGD step, FNGD's exact collect step and its sketched collect step
-(``sketch=k``), each timed in a fresh child process: one warm-up step, timed steps (medians), one
-step under torch.profiler; on a CPU peak memory comes from a second fresh child ("live", as in
-step_cost.py: glibc's mmap threshold at 64 KiB, which slows large allocations down too much to
-time anything with it; the second step's growth over the state before the first); on a GPU
-torch.cuda.max_memory_allocated over the timed steps. The profiler's ``fngd.*`` ranges
+(``sketch=k``), timed side by side in one fresh child process, each on its own copy of the
+model: a warm-up step each, interleaved rounds of one step of each (medians; this VM's speed
+drifts by 30% and more between minutes, which separate processes timed one after another
+turned into ratio errors of that size), one step of each FNGD configuration under
+torch.profiler. Peak memory comes from one more fresh child per configuration: on a CPU "live",
+as in step_cost.py (glibc's mmap threshold at 64 KiB, which slows large allocations down too
+much to time anything with it), on a GPU torch.cuda.max_memory_allocated; both the second
+step's growth over the state before the first. The profiler's ``fngd.*`` ranges
 (the labels FNGD puts on its phases: ``fngd.compact.<layer>`` inside the backward,
 ``fngd.gram.<layer>``, ``fngd.solve``, ``fngd.weighted.<layer>``, ``fngd.update``) give the
 breakdown. Shares are of the profiled step (the profiler adds its own overhead); the headline
@@ -106,58 +109,80 @@ def breakdown(prof, step_us: float) -> dict[str, float]:
     return out
 
 
-def child(spec: dict, which: str, device: str, rounds: int, sketch: int) -> dict:
-    """Time one configuration in this (fresh) process: a warm-up step, timed steps, a profiled step."""
-    model, loss_fn = build(spec, device)
-    opt = make_opt(which, model.parameters(), sketch)
-    cuda = device.startswith("cuda")
-    base = torch.cuda.memory_allocated() if cuda else 0
-    train_step(model, opt, loss_fn)  # warm-up (FNGD: its first collect step checks the capture)
+CONFIGS = ("sgd", "exact", "sketch")
+
+
+def timed_step(model, opt, loss_fn, device: str) -> float:
     sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    t0 = time.perf_counter()
+    train_step(model, opt, loss_fn)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def child(spec: dict, device: str, rounds: int, sketch: int) -> dict:
+    """Time SGD, the exact and the sketched collect step side by side in this (fresh) process: each on
+    its own copy of the same model, a warm-up step each, then ``rounds`` interleaved rounds of one
+    step of each (so that the machine's drifting speed hits all three alike), then one profiled
+    step of each FNGD configuration."""
+    runs = {}
+    for which in CONFIGS:
+        model, loss_fn = build(spec, device)
+        runs[which] = (model, make_opt(which, model.parameters(), sketch), loss_fn)
+    for run in runs.values():
+        timed_step(*run, device)  # warm-up (FNGD: its first collect step checks the capture)
+    times: dict[str, list[float]] = {which: [] for which in runs}
     for _ in range(rounds):
-        sync(device)
-        t0 = time.perf_counter()
-        train_step(model, opt, loss_fn)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    mem = float(torch.cuda.max_memory_allocated() - base) if cuda else None
+        for which, run in runs.items():
+            times[which].append(timed_step(*run, device))
+    cuda = device.startswith("cuda")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        train_step(model, opt, loss_fn)
-        sync(device)
-        step_us = (time.perf_counter() - t0) * 1e6
-    if isinstance(opt, FNGD) and not opt.in_collect_phase:
-        raise RuntimeError("expected every timed FNGD step to be a collect step")
-    return {"times": times, "memory": mem, "profile": breakdown(prof, step_us)}
+    profiles = {}
+    for which in ("exact", "sketch"):
+        model, opt, loss_fn = runs[which]
+        with torch.profiler.profile(activities=acts) as prof:
+            step_s = timed_step(model, opt, loss_fn, device)
+        if not opt.in_collect_phase:
+            raise RuntimeError("expected every timed FNGD step to be a collect step")
+        profiles[which] = breakdown(prof, step_s * 1e6)
+    return {"times": times, "profile": profiles}
 
 
 def child_memory(spec: dict, which: str, device: str, rounds: int, sketch: int) -> dict:
-    """CPU, in a fresh process started with glibc's mmap threshold at 64 KiB (freed tensors go
-    back to the system at once, so the resident set follows what is live: step_cost.py's "live"
-    measure): peak resident-set growth of the second step over the state before the first."""
+    """One configuration in a fresh process: peak memory growth of its second step over the state
+    before its first. On a GPU from torch.cuda.max_memory_allocated; on a CPU from the resident
+    set, in a process started with glibc's mmap threshold at 64 KiB (freed tensors go back to the
+    system at once, so the resident set follows what is live: step_cost.py's "live" measure)."""
     model, loss_fn = build(spec, device)
     opt = make_opt(which, model.parameters(), sketch)
+    if device.startswith("cuda"):
+        base = torch.cuda.memory_allocated()
+        train_step(model, opt, loss_fn)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, opt, loss_fn)
+        torch.cuda.synchronize()
+        return {"memory": float(torch.cuda.max_memory_allocated() - base)}
     base = _rss()
     train_step(model, opt, loss_fn)
     return {"memory": float(peak_rss(lambda: train_step(model, opt, loss_fn)) - base)}
 
 
-def run_child(spec: dict, which: str, device: str, rounds: int, sketch: int, threads: int,
-              memory: bool = False) -> dict:
-    """``memory``: the live-memory child (its allocator setting slows large allocations down, up to
-    5x on the base Transformer, so no timed step runs with it)."""
+def run_child(spec: dict, which: str | None, device: str, rounds: int, sketch: int, threads: int) -> dict:
+    """``which`` None: the timing child (all three configurations); else that configuration's memory
+    child (on a CPU with the live-memory allocator setting, which slows large allocations down, up
+    to 5x on the base Transformer, so no timed step runs with it)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    env.update(LIVE_ENV if memory else {})
+    env.update(LIVE_ENV if which is not None else {})
     env["BENCH_THREADS"] = str(threads)
-    arg = json.dumps([spec, which, device, rounds, sketch])
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory" if memory else "--child", arg],
-                         capture_output=True, text=True, env=env)
+    if which is None:
+        flag, arg = "--child", json.dumps([spec, device, rounds, sketch])
+    else:
+        flag, arg = "--child-memory", json.dumps([spec, which, device, rounds, sketch])
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), flag, arg], capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
-        raise RuntimeError(f"{which} on {spec} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{which or 'timing'} on {spec} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -185,7 +210,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default=",".join(configs(False)), help="comma-separated, from: "
                     + ", ".join(configs(False)))
-    ap.add_argument("--rounds", type=int, default=None, help="timed steps per configuration (default 2, --full 10)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 3, --full 10)")
     ap.add_argument("--sketch", type=int, default=32, help="k of the sketched collect step (default 32)")
     ap.add_argument("--out", default="results/collect_profile.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -205,7 +230,7 @@ def main() -> None:
         ap.error(f"--models: unknown {', '.join(bad)} (known: {', '.join(known)})")
     if args.sketch < 1:
         ap.error(f"--sketch {args.sketch}: must be >= 1")
-    rounds = args.rounds or (10 if args.full else 2)
+    rounds = args.rounds or (10 if args.full else 3)
     if rounds < 1:
         ap.error(f"--rounds {rounds}: must be >= 1")
     t_start = time.perf_counter()
@@ -218,21 +243,20 @@ def main() -> None:
         "resident-set growth with glibc's mmap threshold at 64 KiB (live)"
     text = [f"# FNGD collect step at training batch sizes ({'full' if args.full else 'CPU-sized'} run)", "",
             f"Machine: {device_name} ({args.device}), {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{threads} threads. Each configuration in its own process: 1 warm-up step, medians of {rounds} "
-            f"timed steps, one profiled step for the breakdown; peak memory growth ({mem_kind}): the second "
-            f"step's over the state before the first, in a process of its own. FNGD defaults "
+            f"{threads} threads. Per model, SGD and the two collect steps side by side in one process, each on "
+            f"its own copy of the model: 1 warm-up step each, medians of {rounds} interleaved rounds, one "
+            f"profiled step each for the breakdown; peak memory growth ({mem_kind}): the second "
+            f"step's over the state before the first, in a process of its own per configuration. FNGD defaults "
             f"(coefficients='network', exact Grams); sketched: sketch={args.sketch}.",
             ""]
     summary = []
     for name in models:
         desc, spec = known[name]
-        res = {}
-        for which in ("sgd", "exact", "sketch"):
-            log(f"{name}: {which}")
-            res[which] = run_child(spec, which, args.device, rounds, args.sketch, threads)
-            if res[which]["memory"] is None:
-                res[which]["memory"] = run_child(spec, which, args.device, rounds, args.sketch, threads,
-                                                 memory=True)["memory"]
+        log(f"{name}: SGD, exact and sketched collect steps side by side, {rounds} rounds")
+        timing = run_child(spec, None, args.device, rounds, args.sketch, threads)
+        res = {which: {"times": timing["times"][which]} for which in CONFIGS}
+        for which in CONFIGS:
+            res[which]["memory"] = run_child(spec, which, args.device, rounds, args.sketch, threads)["memory"]
             log(f"{name}: {which} {statistics.median(res[which]['times']):.2f} s, "
                 f"{res[which]['memory'] / 2**20:.0f} MiB")
         sgd_t = statistics.median(res["sgd"]["times"])
@@ -247,9 +271,9 @@ def main() -> None:
                 summary.append([desc, label, f"{t / sgd_t:.2f}x", f"{m / sgd_m:.2f}x"])
         text += [f"## {desc}", "", fmt_table(["step", "median ms", "vs SGD", "peak memory growth", "vs SGD"], rows),
                  "", "Where the exact collect step's time goes (one profiled step):", "",
-                 fmt_table(["phase", "ms", "share"], phase_rows(res["exact"]["profile"])), "",
+                 fmt_table(["phase", "ms", "share"], phase_rows(timing["profile"]["exact"])), "",
                  f"And the sketched one's (sketch={args.sketch}):", "",
-                 fmt_table(["phase", "ms", "share"], phase_rows(res["sketch"]["profile"])), ""]
+                 fmt_table(["phase", "ms", "share"], phase_rows(timing["profile"]["sketch"])), ""]
         print("\n".join(text[-12:]), flush=True)
     text += ["## Summary", "", "Targets: collect step <= 2.0x SGD (aim 1.5x), peak memory <= 1.5x SGD.", "",
              fmt_table(["model, batch", "collect step", "time vs SGD", "memory vs SGD"], summary), ""]

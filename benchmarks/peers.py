@@ -8,6 +8,7 @@ Configurations, each on its own copy of the same model, timed in interleaved rou
 per round, so drifting machine load hits all alike), medians over rounds:
   sgd                       torch.optim.SGD with momentum
   fngd collect / reuse      FNGD (coefficients="network"): a solving step / a step reusing stored coefficients
+  fngd collect sketch=32    FNGD's solving step with sketched Grams (unbiased; ASDL's conv Gram is biased)
   asdl smw                  ASDL SmwEmpNaturalGradientMaker (SMW empirical natural gradient) + SGD
   kfac-<inverse> 1/1        our KFAC, factors and inverses every step, inverse="eigen" and "cholesky"
   asdl kfac 1/1             ASDL KfacGradientMaker, factors and inverses every step (its default config)
@@ -212,6 +213,8 @@ def configurations() -> dict[str, Callable[[Task], Runner]]:
         "sgd": lambda t: torch_runner(t, lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9)),
         "fngd collect": lambda t: torch_runner(t, lambda p: FNGD(p, lr=LR, coefficients="network",
                                                                  steps_per_epoch=BIG)),
+        "fngd collect sketch=32": lambda t: torch_runner(t, lambda p: FNGD(p, lr=LR, coefficients="network",
+                                                                           steps_per_epoch=BIG, sketch=32)),
         "fngd reuse": lambda t: torch_runner(t, lambda p: FNGD(p, lr=LR, coefficients="network", steps_per_epoch=1)),
         "asdl smw": lambda t: asdl_runner(t, "smw"),
     }
@@ -311,10 +314,11 @@ def time_task(task: Task, device: str, rounds: int, slow_rounds: int, log) -> tu
                 continue
             times[name].append(time.perf_counter() - t0)
         log(f"  {task.name}: round {r + 1}/{rounds} done")
-    for name in ("fngd collect", "fngd reuse"):
+    for name in ("fngd collect", "fngd collect sketch=32", "fngd reuse"):
         opt = getattr(runners.get(name), "opt", None)
-        if opt is not None and opt.in_collect_phase != name.endswith("collect"):
-            raise RuntimeError(f"{name}: expected collect={name.endswith('collect')}")
+        collects = "collect" in name
+        if opt is not None and opt.in_collect_phase != collects:
+            raise RuntimeError(f"{name}: expected collect={collects}")
     return {k: v for k, v in times.items() if v}, failed, notes
 
 
@@ -359,7 +363,8 @@ def summarize(task: Task, batch: int, times: dict, failed: dict, notes: dict) ->
         rows.append([name, f"{t * 1000:.1f}", ratio, len(times.get(name, [])) or "derived", ""])
     out = [f"### {task.name}, batch {batch}", "", task.description + ".", "",
            fmt_table(["step", "median ms", "vs SGD", "rounds", "note"], rows), ""]
-    pairs = [("asdl smw", "fngd collect"), ("asdl smw", "fngd reuse"), ("asdl kfac 1/1", "kfac-cholesky 1/1"),
+    pairs = [("asdl smw", "fngd collect"), ("asdl smw", "fngd collect sketch=32"), ("asdl smw", "fngd reuse"),
+             ("asdl kfac 1/1", "kfac-cholesky 1/1"),
              ("asdl kfac 10/100 (amortised)", "kfac-cholesky 10/100 (amortised)")]
     allm = {**med, **derived}
     ours = [k for k in ("kfac-cholesky 1/1", "kfac-eigen 1/1") if k in allm]

@@ -810,21 +810,23 @@ def batchnorm2d_sampler(module: nn.Module, a: Tensor, delta: Tensor, batch_dim: 
     # samples; per-sample gradient libraries make the same choice).
     if a.dim() != 4 or batch_dim != 0:
         raise ValueError(f"BatchNorm2d input must be batched NCHW, got shape {tuple(a.shape)}")
-    # gamma_i = rstd sum_hw delta (a - mean): the centred activations, then one fused
-    # multiply-reduce, rstd applied to the n x C result (not a normalised copy, nor delta * xhat).
-    # Not rstd (sum delta a - mean sum delta): that cancels where |mean| >> std (1% error seen)
+    # gamma_i = sum_hw delta xhat, xhat = (a - mean) rstd: one fused multiply-reduce. Not
+    # rstd (sum delta a - mean sum delta): that cancels where |mean| >> std (1% error seen)
     dt = compute_dtype(delta.dtype)
     a = a.to(dt)
-    if meta.get("batch_stats", True):
-        var, mean = torch.var_mean(a, dim=(0, 2, 3), unbiased=False)
-    else:
-        mean, var = meta["mean"].to(dt), meta["var"].to(dt)
     delta = delta.to(dt)
     beta = delta.sum(dim=(2, 3))
     grads = []
     if module.weight is not None:
-        centred = a - mean[None, :, None, None]
-        grads.append(torch.einsum("nchw,nchw->nc", delta, centred) * torch.rsqrt(var + module.eps))
+        if meta.get("batch_stats", True):
+            # the batch statistics and xhat by the forward's own kernel: on a CPU 1.2-3.3x faster
+            # than var_mean alone (ResNet-50's BatchNorm inputs), and the forward's very numbers
+            xhat = torch.native_batch_norm(a, None, None, None, None, True, 0.0, module.eps)[0]
+            grads.append(torch.einsum("nchw,nchw->nc", delta, xhat))
+        else:  # running statistics: centred activations, rstd applied to the n x C result
+            mean, var = meta["mean"].to(dt), meta["var"].to(dt)
+            centred = a - mean[None, :, None, None]
+            grads.append(torch.einsum("nchw,nchw->nc", delta, centred) * torch.rsqrt(var + module.eps))
     if module.bias is not None:
         grads.append(beta)
     return DenseGrads(_affine_params(module), grads)
