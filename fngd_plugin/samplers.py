@@ -354,9 +354,11 @@ class EmbeddingGrads(PerSampleGrads):
 
 
 class ConvGrads(PerSampleGrads):
-    """Conv2d: per-sample weight gradients by one grouped weight-gradient convolution (batch as groups),
-    or the token route on unfolded patches when the spatial extent is small; weighted sums by the
-    layer's own conv2d_weight (or from the kept per-sample gradients)."""
+    """Conv2d: the Gram by the cheapest of four routes (_gram_route): per-sample weight gradients by
+    one grouped weight-gradient convolution (batch as groups) or a block at a time from patches,
+    the token route on patches, or the pixel route (shifted pixel products) when the spatial
+    extent is small; weighted sums by the layer's own conv2d_weight (or from the kept per-sample
+    gradients)."""
 
     def __init__(self, module: nn.Conv2d, a: Tensor, delta: Tensor):
         self.module = module
