@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_cost import sync  # noqa: E402
+
 from fngd_plugin import samplers as S  # noqa: E402
 
 # (label, n, T, p, q): Linear layers of the Transformers (d_model 256 / 512, FFN 4x, 8000-word
@@ -65,12 +68,10 @@ CONV = [
 
 def timed(fn, repeats: int, device: torch.device) -> float:
     def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device.type)
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device.type)
         return time.perf_counter() - t
 
     once()

@@ -367,9 +367,13 @@ class ConvGrads(PerSampleGrads):
         self.params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         self.n = a.shape[0]
 
+    def _pads_explicitly(self) -> bool:
+        """Whether the padding is applied to the input first (string or non-zero padding modes)."""
+        return isinstance(self.module.padding, str) or self.module.padding_mode != "zeros"
+
     def _padded(self, a: Tensor) -> tuple[Tensor, Any]:
         m = self.module
-        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        if self._pads_explicitly():
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             return F.pad(a, m._reversed_padding_repeated_twice, mode=mode), 0
         return a, m.padding
@@ -435,8 +439,9 @@ class ConvGrads(PerSampleGrads):
         return self._gram_route() == "materialize"
 
     def _gram_route(self) -> str:
-        """"token", "pixel", "chunked" (both materialising routes a block at a time) or "materialize"
-        (one grouped convolution), whichever _route_costs estimates cheapest."""
+        """Whichever route _route_costs estimates cheapest: "token", "pixel", or one that materialises
+        the per-sample gradients, "chunked" (a block at a time from patches) or "materialize" (one
+        grouped convolution)."""
         if self.module.groups != 1:
             return "materialize"
         n, T = self.n, self._tokens()
@@ -456,7 +461,7 @@ class ConvGrads(PerSampleGrads):
             return None
         a = self.calls[0][0]
         H, W = a.shape[2:]
-        if isinstance(self.module.padding, str) or self.module.padding_mode != "zeros":  # padded explicitly
+        if self._pads_explicitly():
             left, right, top, bottom = self.module._reversed_padding_repeated_twice
             H, W = H + top + bottom, W + left + right
         return H * W, a.shape[1], kh * kw
