@@ -15,6 +15,14 @@ Definitions (per task; a task has one validation metric and direction, ``mode``)
     metric reaches the target (>= for max, <= for min); NaN = not reached.
   * best configuration of an optimizer: its hyper-parameter configuration with the best
     seed-mean final metric (highest for max, lowest for min; a tie goes to the first label).
+  * more targets, every one reached by the seed-mean curve of every optimizer's best
+    configuration, so that speedups are numbers rather than bounds (``speedups_by_target``):
+    "worst optimizer's best" (the lowest, over optimizers, of the best seed-mean validation metric
+    of each best configuration; highest for min-mode) and "adamw's best" (the AdamW baseline's
+    best seed-mean), beside "0.98 x best". A seed can still miss a target its mean reaches (bounds).
+  * FNGD: every optimizer named ``fngd`` or ``fngd:VARIANT`` (a sweep's variant, e.g. fngd:adamw,
+    is its own optimizer); the headline's speedup is the paper's ``fngd``'s, ``speedups_by_target``
+    has one block per FNGD variant.
   * speedup of FNGD over optimizer X: TTT(X) / TTT(FNGD) for each seed, pairing equal seeds of the
     two best configurations, then mean +- std (ddof=1) over seeds; in time and in epochs. A seed
     where X never reached the target contributes the lower bound (X's total time) / TTT(FNGD), one
@@ -34,7 +42,8 @@ import warnings
 import pandas as pd
 
 FNGD, REFERENCE = "fngd", "sgd"
-ORDER = ["fngd", "kfac", "sgd", "adamw"]
+ORDER = ["fngd", "fngd:adamw", "kfac", "sgd", "adamw"]
+BASELINE = "adamw"
 DEFAULT_FACTOR = {"max": 0.98, "min": 1.02}
 LOOSE_FACTOR = {"max": 0.95, "min": 1.05}
 
@@ -115,15 +124,19 @@ def _pair(row: pd.Series, ttt: str, total: str) -> tuple[float, str]:
     return math.nan, "n/r"
 
 
-def speedups(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per seed, aggregated over seeds) speedups of FNGD's best configuration over each other
-    optimizer's best configuration, in time and in epochs."""
+def is_fngd(optimizer: str) -> bool:
+    return optimizer.split(":")[0] == FNGD
+
+
+def speedups(runs: pd.DataFrame, subject: str = FNGD) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per seed, aggregated over seeds) speedups of ``subject``'s (an FNGD) best configuration
+    over each other (non-FNGD) optimizer's best configuration, in time and in epochs."""
     per_seed, agg = [], []
     best = runs[runs["best"]]
     for task, d in best.groupby("task"):
         d = d.dropna(subset=["seed"]).drop_duplicates(["optimizer", "seed"])  # only known seeds pair
-        f = d[d["optimizer"] == FNGD]
-        for opt, o in d[d["optimizer"] != FNGD].groupby("optimizer"):
+        f = d[d["optimizer"] == subject]
+        for opt, o in d[~d["optimizer"].map(is_fngd)].groupby("optimizer"):
             pairs = f.merge(o, on="seed", suffixes=("_f", "_o"))
             for unit, ttt, total in (("time", "ttt_time", "total_time"), ("epochs", "ttt_epoch", "epochs")):
                 values, bounds = [], []
@@ -228,8 +241,47 @@ def ablation(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def reachable_targets(df: pd.DataFrame, runs: pd.DataFrame, default: dict[str, float]) -> pd.DataFrame:
+    """Per task: the named targets of ``speedups_by_target`` (see the module docstring)."""
+    rows = []
+    best = df[df["source"].isin(runs.loc[runs["best"], "source"])]
+    for task, d in best.groupby("task"):
+        mode = d["mode"].iloc[0]
+        curve = d.groupby(["optimizer", "epoch"])["val_metric"].mean()  # seed-mean of each best configuration
+        peak = curve.groupby(level="optimizer").max() if mode == "max" else curve.groupby(level="optimizer").min()
+        peak = peak.dropna()
+        named = {"0.98 x best" if mode == "max" else "1.02 x best": default.get(task, math.nan)}
+        if len(peak):
+            worst = peak.idxmin() if mode == "max" else peak.idxmax()
+            named[f"worst optimizer's best ({worst})"] = float(peak[worst])
+        if BASELINE in peak.index:
+            named[f"{BASELINE}'s best"] = float(peak[BASELINE])
+        rows += [{"task": task, "target": name, "value": v} for name, v in named.items()]
+    return pd.DataFrame(rows, columns=["task", "target", "value"])
+
+
+def speedups_by_target(df: pd.DataFrame, named: pd.DataFrame) -> pd.DataFrame:
+    """Every FNGD variant's speedup over every other optimizer at every named target."""
+    rows = []
+    for _, t in named.iterrows():
+        runs = per_run(df[df["task"] == t["task"]], {t["task"]: t["value"]})
+        reached = runs[runs["best"]].groupby("optimizer")["reached"].agg(["sum", "size"])
+        for subject in sorted({o for o in runs["optimizer"] if is_fngd(o)}):
+            _, agg = speedups(runs, subject)
+            for _, a in agg.iterrows():
+                rows.append({"task": t["task"], "target": t["target"], "value": t["value"], "fngd": subject,
+                             "over": a["optimizer"], "unit": a["unit"], "seeds": a["seeds"],
+                             "speedup": a["speedup"], "std": a["std"], "bound": a["bound"],
+                             "fngd_reached": f"{reached.loc[subject, 'sum']}/{reached.loc[subject, 'size']}",
+                             "over_reached": f"{reached.loc[a['optimizer'], 'sum']}/"
+                                             f"{reached.loc[a['optimizer'], 'size']}"})
+    return pd.DataFrame(rows, columns=["task", "target", "value", "fngd", "over", "unit", "seeds", "speedup", "std",
+                                       "bound", "fngd_reached", "over_reached"])
+
+
 def build_tables(df: pd.DataFrame, targets: dict[str, float] | None = None) -> dict[str, pd.DataFrame]:
-    """All tables: targets, runs, headline, speedups, speedup_seeds, final, epoch_cost, ablation.
+    """All tables: targets, runs, headline, speedups, speedup_seeds, speedups_by_target, final,
+    epoch_cost, ablation.
     ``targets`` (task -> value) override the default targets of those tasks."""
     targets = targets or {}
     chosen = {**default_targets(df[~df["task"].isin(list(targets))]), **targets}
@@ -242,6 +294,7 @@ def build_tables(df: pd.DataFrame, targets: dict[str, float] | None = None) -> d
                                  for t, v in chosen.items() if t in modes.index])
     runs = per_run(df, chosen, loose)
     seeds, speed = speedups(runs)
+    named = reachable_targets(df, runs, chosen)
     return {"targets": target_table, "runs": runs, "headline": headline(runs, speed), "speedups": speed,
-            "speedup_seeds": seeds, "final": final_table(runs), "epoch_cost": epoch_cost(df, runs),
+            "speedup_seeds": seeds, "speedups_by_target": speedups_by_target(df, named), "final": final_table(runs), "epoch_cost": epoch_cost(df, runs),
             "ablation": ablation(df, runs)}

@@ -142,7 +142,9 @@ def _from_record(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: metric mode {mode!r} / epochs {type(r['epochs']).__name__} not understood")
     if not all(isinstance(e, dict) and "epoch" in e for e in r["epochs"]):
         raise ValueError(f"{path}: an epoch entry has no 'epoch'")
-    run = {"run": r["run"], "task": r["task"], "kind": r.get("kind"), "optimizer": str(r["optimizer"]).lower(),
+    variant = (r.get("config") or {}).get("variant")  # a sweep's NAME:VARIANT (e.g. fngd:adamw) is its own row
+    run = {"run": r["run"], "task": r["task"], "kind": r.get("kind"),
+           "optimizer": str(variant or r["optimizer"]).lower(),
            "seed": r.get("seed"), "status": r["status"], "metric": metric.get("name", "val_metric"), "mode": mode,
            "source": str(path)}
     return _frame(run, r.get("hparams") or {}, r["epochs"], r.get("final"))

@@ -160,6 +160,47 @@ def test_target_time_to_target_and_speedup_match_hand_computation(loaded, target
             assert row["std"] == pytest.approx(statistics.stdev(values))
 
 
+def test_targets_every_optimizer_reaches_give_speedups_matching_hand_computation(loaded):
+    records = raw_records()
+    hand = by_hand(records)
+    peaks = {}
+    for opt, (hp, _) in hand["best"].items():  # each best configuration's seed-mean curve, its peak
+        curve = defaultdict(list)
+        for r in records:
+            if key(r) == (opt, hp):
+                for e in r["epochs"]:
+                    curve[e["epoch"]].append(e["val_metric"])
+        peaks[opt] = max(sum(v) / len(v) for v in curve.values())
+    worst = min(peaks, key=peaks.get)
+    tables = fngd_analysis.build_tables(loaded)
+    table = tables["speedups_by_target"]
+    values = dict(zip(table["target"], table["value"]))
+    assert values[f"worst optimizer's best ({worst})"] == pytest.approx(peaks[worst])
+    assert values["adamw's best"] == pytest.approx(peaks["adamw"])
+    assert values["0.98 x best"] == pytest.approx(hand["target"])
+    for name, value in values.items():
+        at = by_hand(records, value)
+        rows = table[table["target"] == name]
+        assert set(rows["fngd"]) == {"fngd"} and set(rows["over"]) == set(hand["best"]) - {"fngd"}
+        for _, row in rows.iterrows():
+            pairs = [at["speed"][row["over"], row["unit"], s] for s in (0, 1)]
+            kinds = {b for _, b in pairs}
+            expected = "n/r" if "n/r" in kinds or {">", "<"} <= kinds else (kinds - {"="} or {"="}).pop()
+            assert row["bound"] == expected, (name, row["over"], row["unit"])
+            if expected != "n/r":
+                assert row["speedup"] == pytest.approx(statistics.mean(v for v, _ in pairs))
+
+
+def test_a_sweep_variant_is_its_own_optimizer(tmp_path):
+    src = next(p for p in sorted(RUNS.glob("*/record.json")) if json.loads(p.read_text())["optimizer"] == "fngd")
+    data = json.loads(src.read_text())
+    data["config"] = {**(data.get("config") or {}), "variant": "fngd:adamw"}
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "record.json").write_text(json.dumps(data))
+    df, _ = fngd_analysis.load([tmp_path])
+    assert set(df["optimizer"]) == {"fngd:adamw"}
+
+
 def test_speedup_bounds_cover_all_cases(loaded):
     # the fixture data exercise every branch: targets 93 and 95.5 leave some optimizers short of it
     seen = set()
