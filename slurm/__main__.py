@@ -107,39 +107,55 @@ def print_plan(sweep: Sweep, todo: list, skip: list) -> None:
 
 
 def tune_main(sweep: Sweep, args: argparse.Namespace) -> int:
-    """The two stages of a tuning sweep (see the module docstring)."""
+    """The stages of a tuning sweep (see the module docstring): the trials, the edge rounds each
+    optimizer's results call for (each launched once the rounds before it have ended), then the
+    chosen configurations at every seed."""
     result_path = sweep.root / "tuning.json"
 
     def current() -> dict:
         return tune.state(sweep, executors.status_of, executors.record_of)
 
-    def seed_runs(result: dict) -> list:
-        return [r for t in result["tasks"].values() for o in t["optimizers"].values() for r in o["seed_runs"]]
+    def runs_of(result: dict, key: str) -> list:
+        return [r for t in result["tasks"].values() for o in t["optimizers"].values() for r in o[key]]
 
     n_opt = len(sweep.trials)
     if args.status:
+        result = current()
         print("trials:")
-        print_status(sweep)
-        extra = [r for r in seed_runs(current()) if r.seed != sweep.seeds[0]]
-        if extra:
-            print("\nchosen configurations, other seeds:")
-            print_status(sweep, extra)
+        print_status(sweep, runs_of(result, "trial_runs"))
+        seeds = [r for r in runs_of(result, "seed_runs") if r.id not in {t.id for t in runs_of(result, "trial_runs")}]
+        if seeds:
+            print("\nchosen configurations, every seed:")
+            print_status(sweep, seeds)
         return 0
     todo, skip = plan(sweep)
+    rounds = (f", then up to {sweep.tune.rounds} edge rounds of {sweep.tune.round_trials} trials each"
+              if sweep.tune.rounds else "")
     print(f"tuning sweep {sweep.name}: {sweep.tune.trials} trials for each of {n_opt} optimizers "
-          f"({len(sweep.runs)} trial runs at seed {sweep.seeds[0]}), then the chosen configurations at seeds "
-          f"{', '.join(map(str, sweep.seeds[1:])) or '(none)'} ({n_opt * (len(sweep.seeds) - 1)} runs) -> "
-          f"{sweep.root}; trials: {len(skip)} done or in flight, {len(todo)} to launch on {sweep.executor}", flush=True)
+          f"({len(sweep.runs)} trial runs at seed {sweep.seeds[0]}){rounds}, then the chosen configurations at "
+          f"seeds {', '.join(map(str, sweep.seeds))} -> {sweep.root}; first-round trials: {len(skip)} done or in "
+          f"flight, {len(todo)} to launch on {sweep.executor}", flush=True)
     if args.dry_run:
         print_plan(sweep, todo, skip)
         return 0
-    code, ended = launch(sweep, [r for r, _, _ in todo], args.wait)
-    result = current()
-    if not ended:
+    code = 0
+    while True:  # a wave: every trial known now that is not done; its results may call for more rounds
+        result = current()
         tune.write_result(result_path, tune.public(result))
-        print(f"trials submitted; run the same command again when they are done (python -m fngd_slurm "
-              f"{args.sweep} --status) to choose and launch the seeds")
-        return code
+        todo, _ = plan(sweep, runs_of(result, "trial_runs"))
+        if not todo:
+            print("trials: none left to launch (every trial of every round is done or in flight)", flush=True)
+            break
+        print(f"trials: {len(todo)} runs to launch", flush=True)
+        c, ended = launch(sweep, [r for r, _, _ in todo], args.wait)
+        code = max(code, c)
+        if not ended:
+            print(f"trials submitted; run the same command again when they are done (python -m fngd_slurm "
+                  f"{args.sweep} --status) to launch the next round or the seeds")
+            return code
+        if c:  # failed trials count as lost; do not loop on them
+            break
+    result = current()
     undecided = [f"{t}/{o}" for t, task in result["tasks"].items() for o, d in task["optimizers"].items()
                  if d["chosen"] is None]
     failed = sum(tr["status"] == "failed" for t in result["tasks"].values() for o in t["optimizers"].values()
@@ -155,14 +171,14 @@ def tune_main(sweep: Sweep, args: argparse.Namespace) -> int:
         for o, d in task["optimizers"].items():
             print(f"chosen for {t}/{o}: {d['chosen']['hparams']} (best validation {d['chosen']['value']:.4g})")
     tune.write_result(result_path, tune.public(result))  # the choice is on disk before the seeds run
-    todo2, _ = plan(sweep, seed_runs(result))
+    todo2, _ = plan(sweep, runs_of(result, "seed_runs"))
     print(f"seeds: {len(todo2)} runs to launch", flush=True)
     code2, ended2 = launch(sweep, [r for r, _, _ in todo2], args.wait)
     tune.write_result(result_path, tune.public(current()))
     print(f"tuning result: {result_path} and {result_path.with_suffix('.md')}"
           + ("" if ended2 else " (seeds still running: run the same command again when they are done)"))
     if ended2:
-        dirs = " ".join(shlex.quote(str(r.dir)) for r in seed_runs(result))
+        dirs = " ".join(shlex.quote(str(r.dir)) for r in runs_of(result, "seed_runs"))
         print(f"the chosen configurations compared (every seed):\n  python -m fngd_analysis {dirs} --out "
               f"{shlex.quote(str(sweep.root / 'report'))}")
     return max(code, code2)

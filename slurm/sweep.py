@@ -86,7 +86,8 @@ EXECUTORS = ("local", "slurm")
 TOP_KEYS = {"name", "out", "seeds", "executor", "resources", "tasks", "tune"}
 EXECUTOR_KEYS = {"kind", "max_parallel", "threads"}
 RESOURCE_KEYS = {"partition", "gpus", "cpus", "mem_gb", "time_min", "extra"}
-TASK_KEYS = {"kind", "data", "prepare", "epochs", "max_time_min", "args", "optimizers", "resources", "tuned"}
+TASK_KEYS = {"kind", "data", "prepare", "epochs", "trial_epochs", "max_time_min", "args", "optimizers", "resources",
+             "tuned"}
 # what a task with ``tuned`` takes from the tuning result (and may therefore not set itself)
 TUNED_KEYS = ("kind", "data", "prepare", "epochs", "max_time_min", "args")
 
@@ -143,6 +144,7 @@ class Task:
     resources: Resources
     spec: dict[str, Any] = field(default_factory=dict)  # the task's settings as written (TUNED_KEYS)
     tuned_from: str | None = None  # the tuning result its optimizers come from
+    trial_epochs: int | None = None  # a tuning sweep's trials run this many epochs (cheaper fidelity)
 
 
 @dataclass
@@ -163,6 +165,16 @@ class Sweep:
     @property
     def root(self) -> Path:
         return self.out / self.name
+
+    def seed_run(self, task: str, optimizer: str, hparams: dict[str, Any], seed: int) -> Run:
+        """The run of one configuration at one seed, at the task's full length (a tuning sweep's
+        chosen configuration)."""
+        return _run(self, self.tasks[task], optimizer, hparams, seed)
+
+    def trial_run(self, task: str, optimizer: str, hparams: dict[str, Any]) -> Run:
+        """A tuning trial: the first seed, at the task's ``trial_epochs`` (its full length if unset)."""
+        t = self.tasks[task]
+        return _run(self, t, optimizer, hparams, self.seeds[0], t.trial_epochs or t.epochs)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -218,7 +230,12 @@ def load(path: str | Path, executor: str | None = None, check: bool = True) -> S
         search_seed = t.get("search_seed", 0)
         if not isinstance(search_seed, int) or isinstance(search_seed, bool) or search_seed < 0:
             err.fail("tune.search_seed", f"{search_seed!r}: expected an integer >= 0")
-        tune = _tune.TuneSpec(trials=err.positive_int("tune.trials", t.get("trials")), search_seed=search_seed)
+        rounds = t.get("rounds", 0)
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            err.fail("tune.rounds", f"{rounds!r}: expected an integer >= 0")
+        tune = _tune.TuneSpec(trials=err.positive_int("tune.trials", t.get("trials")), search_seed=search_seed,
+                              rounds=rounds, round_trials=err.positive_int("tune.round_trials",
+                                                                           t.get("round_trials", 4)))
     tasks_raw = err.typed("tasks", raw.get("tasks"), dict)
     if not tasks_raw:
         err.fail("tasks", "no tasks: add a [tasks.NAME] table")
@@ -342,6 +359,13 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool, 
     if prepare is not None and not (isinstance(prepare, list) and prepare and all(isinstance(a, str) for a in prepare)):
         err.fail(f"{where}.prepare", f"{prepare!r}: expected a command as a list of strings")
     epochs = err.positive_int(f"{where}.epochs", spec.get("epochs"))
+    trial_epochs = spec.get("trial_epochs")
+    if trial_epochs is not None:
+        if not tuning:
+            err.fail(f"{where}.trial_epochs", "only a tuning sweep ([tune]) has trials")
+        trial_epochs = err.positive_int(f"{where}.trial_epochs", trial_epochs)
+        if trial_epochs > epochs:
+            err.fail(f"{where}.trial_epochs", f"{trial_epochs} is more than the task's epochs ({epochs})")
     max_time = spec.get("max_time_min")
     if max_time is not None and (not isinstance(max_time, (int, float)) or max_time <= 0):
         err.fail(f"{where}.max_time_min", f"{max_time!r}: expected a number > 0")
@@ -378,7 +402,7 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool, 
                      base_res)
     return Task(name=name, kind=kind, data=Path(data).absolute(),
                 prepare=prepare, epochs=epochs, max_time_min=max_time, args=args, optimizers=opts, resources=res,
-                spec={k: spec.get(k) for k in TUNED_KEYS}, tuned_from=tuned_from)
+                spec={k: spec.get(k) for k in TUNED_KEYS}, tuned_from=tuned_from, trial_epochs=trial_epochs)
 
 
 # ----------------------------------------------------------------------------------------- expansion
@@ -413,7 +437,7 @@ def expand(sweep: Sweep) -> list[Run]:
         for opt, grid in task.optimizers.items():
             if sweep.tune is not None:
                 points = _tune.trial_points(grid, sweep.tune.trials, sweep.tune.search_seed)
-                trials = [_run(sweep, task, opt, hp, sweep.seeds[0]) for hp in points]
+                trials = [sweep.trial_run(task.name, opt, hp) for hp in points]
                 sweep.trials[(task.name, opt)] = trials
                 runs += trials
                 continue
@@ -429,15 +453,11 @@ def expand(sweep: Sweep) -> list[Run]:
     return runs
 
 
-def seed_run(sweep: Sweep, task: str, optimizer: str, hparams: dict[str, Any], seed: int) -> Run:
-    """The run of one configuration at one seed (a tuning sweep's chosen configuration)."""
-    return _run(sweep, sweep.tasks[task], optimizer, hparams, seed)
-
-
-def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int) -> Run:
+def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int, epochs: int | None = None) -> Run:
     opt = name.split(":")[0]
+    epochs = epochs or task.epochs
     config = {"sweep": sweep.name, "task": task.name, "kind": task.kind, "data": str(task.data),
-              "epochs": task.epochs, "max_time_min": task.max_time_min, "args": task.args, "optimizer": opt,
+              "epochs": epochs, "max_time_min": task.max_time_min, "args": task.args, "optimizer": opt,
               "variant": name,
               "hparams": hp, "seed": seed, "gpus": task.resources.gpus}
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:6]
@@ -448,7 +468,7 @@ def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int) -> 
     threads = sweep.threads or (task.resources.cpus if sweep.executor == "slurm" else None)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     plan = dict(python=[sys.executable], data=str(task.data), run_dir=str(run_dir), run_id=run_id, task=task.name,
-                optimizer=opt, hparams=hp, seed=seed, epochs=task.epochs, max_time_min=task.max_time_min,
+                optimizer=opt, hparams=hp, seed=seed, epochs=epochs, max_time_min=task.max_time_min,
                 args=task.args, threads=sweep.threads, gpus=task.resources.gpus)
     return Run(id=run_id, task=task.name, kind=task.kind, optimizer=opt, hparams=hp, seed=seed, dir=run_dir,
                resources=task.resources, config=config, env=env, plan=plan)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "fngd-tuning/1"
-TUNE_KEYS = {"trials", "search_seed"}
+TUNE_KEYS = {"trials", "search_seed", "rounds", "round_trials"}
 AXIS_KINDS = ("log", "uniform")
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
@@ -54,6 +54,8 @@ _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 class TuneSpec:
     trials: int
     search_seed: int = 0
+    rounds: int = 0  # at most this many edge rounds per optimizer (see next_round)
+    round_trials: int = 4  # trials in each edge round
 
 
 # ----------------------------------------------------------------------------------------- search space
@@ -61,13 +63,22 @@ def parse_axis(key: str, value: Any, fail) -> Any:
     """Check one search-space entry: a scalar (fixed), a non-empty list (choice) or a table
     ``{log = [lo, hi]}`` / ``{uniform = [lo, hi]}``. ``fail(key, message)`` raises."""
     if isinstance(value, dict):
-        if len(value) != 1 or next(iter(value)) not in AXIS_KINDS:
-            fail(key, f"{value!r}: a range is {{log = [lo, hi]}} or {{uniform = [lo, hi]}}")
-        kind, bounds = next(iter(value.items()))
-        if not (isinstance(bounds, list) and len(bounds) == 2
-                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
-                and bounds[0] < bounds[1] and (kind != "log" or bounds[0] > 0)):
-            fail(key, f"{kind} = {bounds!r}: expected [lo, hi] with lo < hi" + (" and lo > 0" if kind == "log" else ""))
+        kinds = [k for k in value if k in AXIS_KINDS]
+        if len(kinds) != 1 or set(value) - {kinds[0], "limit"}:
+            fail(key, f"{value!r}: a range is {{log = [lo, hi]}} or {{uniform = [lo, hi]}}, optionally with "
+                      "limit = [LO, HI] (how far edge rounds may widen it)")
+        kind = kinds[0]
+        for name in (kind, "limit"):
+            bounds = value.get(name)
+            if bounds is None:
+                continue
+            if not (isinstance(bounds, list) and len(bounds) == 2
+                    and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                    and bounds[0] < bounds[1] and (kind != "log" or bounds[0] > 0)):
+                fail(key, f"{name} = {bounds!r}: expected [lo, hi] with lo < hi" + (" and lo > 0" if kind == "log"
+                                                                                    else ""))
+        if "limit" in value and not value["limit"][0] <= value[kind][0] < value[kind][1] <= value["limit"][1]:
+            fail(key, f"limit = {value['limit']!r} must contain {kind} = {value[kind]!r}")
         return value
     if isinstance(value, list):
         if not value:
@@ -113,7 +124,7 @@ def trial_points(space: dict[str, Any], trials: int, search_seed: int = 0) -> li
             if isinstance(v, list):
                 point[a] = v[min(int(u * len(v)), len(v) - 1)]
             else:
-                (kind, (lo, hi)), = v.items()
+                kind, (lo, hi) = _range(v)
                 x = lo * (hi / lo) ** u if kind == "log" else lo + (hi - lo) * u
                 point[a] = _round(x)
         key = json.dumps(point, sort_keys=True)
@@ -121,6 +132,50 @@ def trial_points(space: dict[str, Any], trials: int, search_seed: int = 0) -> li
             seen.add(key)
             points.append(point)
     return points
+
+
+def _range(axis: dict[str, Any]) -> tuple[str, tuple[float, float]]:
+    kind = next(k for k in axis if k in AXIS_KINDS)
+    return kind, tuple(axis[kind])  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------- edge rounds
+def next_round(space: dict[str, Any], trials: list[dict[str, Any]], pick: dict[str, Any]
+               ) -> tuple[dict[str, Any] | None, list[str]]:
+    """The search space of an optimizer's next edge round, and the axes at a hard limit.
+
+    The rule, the same for every optimizer: a range axis on which the chosen trial ``pick`` holds
+    the lowest or the highest value tried so far (every round counted) is *at an edge*. The next
+    round searches beyond each such edge, from the chosen value over half the declared range's
+    width (log axes: by a factor sqrt(hi / lo); uniform: by (hi - lo) / 2), clipped to the axis's
+    ``limit`` (default: unbounded); every other axis stays at the chosen value. An edge at its
+    limit is not searched further (reported). None: no edge left to search."""
+    hp = pick["hparams"]
+    new = dict(hp)
+    at_limit: list[str] = []
+    widened = False
+    for axis, v in space.items():
+        if not isinstance(v, dict) or len(trials) < 2:
+            continue
+        tried = [t["hparams"][axis] for t in trials]
+        x = hp[axis]
+        up, down = x == max(tried), x == min(tried)
+        if up == down:  # an interior value (or all trials equal on this axis)
+            continue
+        kind, (lo, hi) = _range(v)
+        lim_lo, lim_hi = v.get("limit", (0.0 if kind == "log" else -math.inf, math.inf))
+        if kind == "log":
+            step = math.sqrt(hi / lo)
+            a, b = (x, min(x * step, lim_hi)) if up else (max(x / step, lim_lo), x)
+        else:
+            step = (hi - lo) / 2
+            a, b = (x, min(x + step, lim_hi)) if up else (max(x - step, lim_lo), x)
+        if _round(a) >= _round(b):
+            at_limit.append(f"{axis} {'highest' if up else 'lowest'} tried, at its limit {b if up else a:g}")
+            continue
+        new[axis] = {kind: [_round(a), _round(b)]}
+        widened = True
+    return (new if widened else None), at_limit
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -204,15 +259,19 @@ def _mean_std(values: list[float]) -> str:
 def markdown(data: dict[str, Any]) -> str:
     p = data["protocol"]
     m = data["machine"]
+    rounds = (f"; then up to {p['rounds']} edge rounds of {p['round_trials']} trials each, beyond every axis whose "
+              "chosen value was the lowest or highest tried (slurm/tune.py next_round)") if p.get("rounds") else ""
     lines = [f"# Tuning result: {data['name']}", "",
              f"{p['trials']} trials per optimizer (Halton points of each search space, search_seed "
-             f"{p['search_seed']}), trials at seed {p['seeds'][0]}; chosen on {p['selection']}; the chosen "
+             f"{p['search_seed']}){rounds}; trials at seed {p['seeds'][0]}; chosen on {p['selection']}; the chosen "
              f"configuration run at seeds {', '.join(map(str, p['seeds']))}.", "",
              f"Sweep file: `{data['sweep']['path']}` (sha256 {data['sweep']['sha256'][:12]}); "
              f"{data['date']}; {m['host']}, {m['cpu_count']} CPUs, {m['platform']}; "
              + ", ".join(f"{k} {v}" for k, v in m["packages"].items()), ""]
     for tname, task in data["tasks"].items():
-        lines += [f"## {tname} ({task['kind']}, {task['epochs']} epochs, validation {task['metric']}, "
+        fidelity = (f", trials {task['trial_epochs']} epochs" if task.get("trial_epochs", task["epochs"])
+                    != task["epochs"] else "")
+        lines += [f"## {tname} ({task['kind']}, {task['epochs']} epochs{fidelity}, validation {task['metric']}, "
                   f"{task['mode']})", "",
                   "| optimizer | chosen configuration | seeds | best validation (mean ± std) | test (mean ± std) |",
                   "|---|---|---|---|---|"]
@@ -229,14 +288,23 @@ def markdown(data: dict[str, Any]) -> str:
             space = ", ".join(f"{k} {v}" for k, v in o["space"].items())
             lines += [f"### {opt}", "", f"Search space: {space}", ""]
             chosen = (o.get("chosen") or {}).get("run")
-            if (o.get("chosen") or {}).get("edges"):
-                lines += [f"Chosen at the edge of the trials: {', '.join(o['chosen']['edges'])} (a wider search "
+            for i, r in enumerate(o.get("rounds", [])):
+                wider = ", ".join(f"{k} {v}" for k, v in r["space"].items() if isinstance(v, dict))
+                lines += [f"Edge round {i + 1} (after `{r['after']}`): {wider}", ""]
+            c = o.get("chosen") or {}
+            if c.get("edges"):
+                why = ("the rounds are used up" if c.get("rounds_exhausted") else
+                       "at a hard limit" if c.get("at_limit") else "no edge rounds declared")
+                lines += [f"Chosen at the edge of the trials: {', '.join(c['edges'])} ({why}; a wider search "
                           "might find better).", ""]
-            lines += ["| trial | " + " | ".join(o["axes"]) + " | best validation | status | run |",
-                      "|---" * (len(o["axes"]) + 4) + "|"]
+            if c.get("at_limit"):
+                lines += [f"At a declared limit: {'; '.join(c['at_limit'])}.", ""]
+            lines += ["| trial | round | " + " | ".join(o["axes"]) + " | best validation | status | run |",
+                      "|---" * (len(o["axes"]) + 5) + "|"]
             for i, t in enumerate(o["trials"]):
                 mark = " **chosen**" if t["run"] == chosen else ""
-                lines.append(f"| {i + 1}{mark} | " + " | ".join(_fmt(t["hparams"].get(a)) for a in o["axes"])
+                lines.append(f"| {i + 1}{mark} | {t.get('round', 0)} | "
+                             + " | ".join(_fmt(t["hparams"].get(a)) for a in o["axes"])
                              + f" | {_fmt(t['value'])} | {t['status']} | `{t['run']}` |")
             if o.get("seeds"):
                 lines += ["", "Chosen configuration, all seeds:", "",
@@ -255,47 +323,66 @@ SELECTION = "the best validation metric over a trial's epochs"
 
 
 def state(sweep, status_of, record_of) -> dict[str, Any]:
-    """The tuning result of ``sweep`` as its run directories stand: every trial, the choice per
-    optimizer once all its trials have ended (done or failed), the chosen configuration's runs at
-    every seed (``seed_runs``: not yet launched ones included). ``status_of``/``record_of`` are
-    the executors' (a run -> its state, its record)."""
-    from .sweep import seed_run
-
+    """The tuning result of ``sweep`` as its run directories stand: every trial of every round,
+    the choice per optimizer once all its trials have ended (done or failed) and no edge round is
+    left (see next_round), the chosen configuration's runs at every seed (``seed_runs``: not yet
+    launched ones included). ``trial_runs``: every trial run known so far (later rounds appear
+    when the earlier ones have ended). ``status_of``/``record_of`` are the executors' (a run ->
+    its state, its record)."""
     tasks: dict[str, Any] = {}
-    for (tname, opt), runs in sweep.trials.items():
+    for (tname, opt), first in sweep.trials.items():
         task = sweep.tasks[tname]
         entry = tasks.setdefault(tname, {"kind": task.kind, "settings": task.spec, "epochs": task.epochs,
+                                         "trial_epochs": task.trial_epochs or task.epochs,
                                          "metric": None, "mode": None, "optimizers": {}})
-        trials = []
-        for run in runs:
-            st, _ = status_of(run)
-            rec = record_of(run)
-            if rec and rec.get("metric"):
-                entry["metric"], entry["mode"] = rec["metric"]["name"], rec["metric"]["mode"]
-            trials.append({"run": run.id, "hparams": run.hparams, "status": st,
-                           "value": best_value(rec) if st == "done" else None})
-        space = task.optimizers[opt]
+
+        def described(runs: list, round_index: int) -> list[dict[str, Any]]:
+            out = []
+            for run in runs:
+                st, _ = status_of(run)
+                rec = record_of(run)
+                if rec and rec.get("metric"):
+                    entry["metric"], entry["mode"] = rec["metric"]["name"], rec["metric"]["mode"]
+                out.append({"run": run.id, "hparams": run.hparams, "status": st, "round": round_index,
+                            "value": best_value(rec) if st == "done" else None})
+            return out
+
+        space = sweep.tasks[tname].optimizers[opt]
         o = {"space": space, "axes": [k for k, v in space.items() if isinstance(v, (dict, list))] or
-             list(space), "trials": trials, "chosen": None, "seeds": [], "seed_runs": []}
-        if all(t["status"] in ("done", "failed") for t in trials):
-            pick = choose(trials, entry["mode"] or "max")
-            if pick is not None:
-                o["chosen"] = {"run": pick["run"], "hparams": pick["hparams"], "value": pick["value"],
-                               "edges": edges(space, trials, pick)}
-                o["seed_runs"] = [seed_run(sweep, tname, opt, pick["hparams"], s) for s in sweep.seeds]
-                assert o["seed_runs"][0].id == pick["run"], "the chosen trial is its configuration's first seed"
-                for run in o["seed_runs"]:
-                    st, _ = status_of(run)
-                    rec = record_of(run)
-                    o["seeds"].append({"seed": run.seed, "run": run.id, "status": st,
-                                       "value": best_value(rec) if st == "done" else None,
-                                       "final": (rec or {}).get("final") if st == "done" else None})
+             list(space), "trials": described(first, 0), "rounds": [], "chosen": None, "seeds": [],
+             "seed_runs": [], "trial_runs": list(first)}
+        while all(t["status"] in ("done", "failed") for t in o["trials"]):
+            pick = choose(o["trials"], entry["mode"] or "max")
+            if pick is None:
+                break
+            wider, at_limit = next_round(space, o["trials"], pick)
+            if wider is not None and len(o["rounds"]) < sweep.tune.rounds:
+                points = [p for p in trial_points(wider, sweep.tune.round_trials, sweep.tune.search_seed)
+                          if all(p != t["hparams"] for t in o["trials"])]
+                runs = [sweep.trial_run(tname, opt, p) for p in points]
+                o["rounds"].append({"space": wider, "after": pick["run"], "runs": [r.id for r in runs]})
+                o["trial_runs"] += runs
+                o["trials"] += described(runs, len(o["rounds"]))
+                continue
+            left = edges(space, o["trials"], pick)
+            o["chosen"] = {"run": pick["run"], "hparams": pick["hparams"], "value": pick["value"],
+                           "edges": left, "at_limit": at_limit,
+                           "rounds_exhausted": wider is not None}
+            o["seed_runs"] = [sweep.seed_run(tname, opt, pick["hparams"], s) for s in sweep.seeds]
+            for run in o["seed_runs"]:
+                st, _ = status_of(run)
+                rec = record_of(run)
+                o["seeds"].append({"seed": run.seed, "run": run.id, "status": st,
+                                   "value": best_value(rec) if st == "done" else None,
+                                   "final": (rec or {}).get("final") if st == "done" else None})
+            break
         entry["optimizers"][opt] = o
     from fngd_records import environment
 
     return {"format": FORMAT, "name": sweep.name, "date": now(), "machine": environment(),
             "sweep": sweep_provenance(sweep.path),
             "protocol": {"trials": sweep.tune.trials, "search_seed": sweep.tune.search_seed, "seeds": sweep.seeds,
+                         "rounds": sweep.tune.rounds, "round_trials": sweep.tune.round_trials,
                          "selection": SELECTION}, "tasks": tasks}
 
 
@@ -305,6 +392,7 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
     out["tasks"] = {}
     for tname, task in result["tasks"].items():
         t = {k: v for k, v in task.items() if k != "optimizers"}
-        t["optimizers"] = {o: {k: v for k, v in d.items() if k != "seed_runs"} for o, d in task["optimizers"].items()}
+        t["optimizers"] = {o: {k: v for k, v in d.items() if k not in ("seed_runs", "trial_runs")}
+                           for o, d in task["optimizers"].items()}
         out["tasks"][tname] = json.loads(json.dumps(t))
     return out

@@ -64,7 +64,7 @@ def test_a_tuning_sweep_runs_the_same_number_of_trials_per_optimizer_at_the_firs
 
 BAD = [
     ("[tune]\ntrials = 0\n", "tune.trials: 0: expected an integer >= 1"),
-    ("[tune]\ntrials = 2\nbudget = 3\n", "tune.budget: unknown key; allowed: search_seed, trials"),
+    ("[tune]\ntrials = 2\nbudget = 3\n", "tune.budget: unknown key; allowed: round_trials, rounds, search_seed, trials"),
     ("[tune]\ntrials = 2\nsearch_seed = -1\n", "tune.search_seed: -1: expected an integer >= 0"),
 ]
 
@@ -135,10 +135,11 @@ def test_the_choice_is_the_best_validation_value_over_epochs_and_failed_trials_l
     out = tmp_path / "tuning.json"
     tune.write_result(out, tune.public(state))
     data = tune.load_result(out)
-    assert data["protocol"] == {"trials": 3, "search_seed": 0, "seeds": [0, 1, 2], "selection": tune.SELECTION}
+    assert data["protocol"] == {"trials": 3, "search_seed": 0, "seeds": [0, 1, 2], "rounds": 0, "round_trials": 4,
+                                "selection": tune.SELECTION}
     assert data["sweep"]["text"] == s.path.read_text() and len(data["sweep"]["sha256"]) == 64
     md = out.with_suffix(".md").read_text()
-    assert f"| 2 **chosen** | 0.0316 | 1 | 90 | done | `{f[1].id}` |" in md
+    assert f"| 2 **chosen** | 0 | 0.0316 | 1 | 90 | done | `{f[1].id}` |" in md
     assert "Chosen at the edge of the trials: lr lowest tried" in md
     lines = md.splitlines()
     for i, line in enumerate(lines):  # no text inside a table: a row follows the rule or another row
@@ -150,6 +151,85 @@ def test_min_mode_metrics_choose_the_lowest(tmp_path):
     trials = [{"value": 3.0}, {"value": 2.0}, {"value": None}, {"value": 2.0}]
     assert tune.choose(trials, "min") is trials[1] and tune.choose(trials, "max") is trials[0]
     assert tune.choose([{"value": None}], "max") is None
+
+
+# ----------------------------------------------------------------------------------------- edge rounds
+def test_next_round_searches_beyond_an_edge_by_half_the_declared_width_up_to_the_limit():
+    space = {"lr": {"log": [0.01, 1.0], "limit": [0.001, 3.0]}, "wd": {"uniform": [0.0, 0.1]}, "m": [0.0, 0.9]}
+    trials = [{"hparams": {"lr": lr, "wd": wd, "m": 0.9}}
+              for lr, wd in ((0.1, 0.05), (1.0, 0.04), (0.03, 0.08), (0.3, 0.02))]
+    wider, at_limit = tune.next_round(space, trials, trials[1])  # highest lr, interior wd
+    # log axis: from the chosen value up by sqrt(1.0 / 0.01) = 10, clipped to the limit 3.0; wd and m stay fixed
+    assert wider == {"lr": {"log": [1.0, 3.0]}, "wd": 0.04, "m": 0.9} and at_limit == []
+    wider, _ = tune.next_round(space, trials, trials[2])  # lowest lr (0.03 -> 0.003) and highest wd (+0.05)
+    assert wider["lr"] == {"log": [0.003, 0.03]} and wider["wd"] == {"uniform": [0.08, 0.13]}
+    assert tune.next_round(space, trials, trials[0]) == (None, [])  # interior on every axis: done
+    # at the limit already: nothing to widen, and it is said
+    at = trials + [{"hparams": {"lr": 3.0, "wd": 0.05, "m": 0.9}}]
+    wider, at_limit = tune.next_round(space, at, at[4])
+    assert wider is None and at_limit == ["lr highest tried, at its limit 3"]
+    # no limit declared: a log axis widens without bound
+    free = {"lr": {"log": [0.01, 1.0]}}
+    assert tune.next_round(free, trials, trials[1])[0]["lr"] == {"log": [1.0, 10.0]}
+
+
+ROUNDS_FILE = TUNE_FILE.replace("trials = 3\n", "trials = 3\n    rounds = 2\n    round_trials = 2\n").replace(
+    "epochs = 2\n", "epochs = 4\n    trial_epochs = 2\n")
+
+
+def test_an_edge_choice_launches_a_declared_round_and_the_seeds_run_at_full_length(tmp_path):
+    s = sw.load(write(tmp_path, ROUNDS_FILE.format(out=tmp_path)))
+    assert s.tune == tune.TuneSpec(trials=3, rounds=2, round_trials=2)
+    f = s.trials[("img", "fngd")]
+    assert all(r.plan["epochs"] == 2 for r in s.runs)  # trials at the cheaper fidelity
+    fake_record(f[0], [50.0])
+    fake_record(f[1], [60.0])
+    fake_record(f[2], [90.0])  # lr 0.316, the highest tried: an edge
+    st = tune.state(s, executors.status_of, executors.record_of)["tasks"]["img"]["optimizers"]["fngd"]
+    assert st["chosen"] is None and len(st["rounds"]) == 1
+    assert st["rounds"][0]["space"]["lr"] == {"log": [0.316, 3.16]}  # x sqrt(100)
+    new = st["trial_runs"][3:]
+    assert len(new) == 2 and all(r.plan["epochs"] == 2 and r.hparams["damping"] == 0.1 for r in new)
+    assert all(0.316 <= r.hparams["lr"] <= 3.16 for r in new)
+    assert [r.hparams["lr"] for r in new] == [0.999, 0.562]  # Halton points 1/2 and 1/4 of the wider range
+    fake_record(new[0], [20.0])
+    fake_record(new[1], [95.0])  # the chosen point, 0.562, is interior now (0.316 < 0.562 < 0.999)
+    st = tune.state(s, executors.status_of, executors.record_of)["tasks"]["img"]["optimizers"]["fngd"]
+    assert st["chosen"]["run"] == new[1].id and st["chosen"]["edges"] == [] and len(st["rounds"]) == 1
+    assert [t["round"] for t in st["trials"]] == [0, 0, 0, 1, 1]
+    # every seed, the first included, runs the chosen point at the task's full length
+    assert [r.plan["epochs"] for r in st["seed_runs"]] == [4, 4, 4] and new[1].id not in {r.id for r in st["seed_runs"]}
+    assert [r.seed for r in st["seed_runs"]] == [0, 1, 2]
+
+
+def test_rounds_stop_when_used_up_and_say_so(tmp_path):
+    s = sw.load(write(tmp_path, ROUNDS_FILE.replace("rounds = 2", "rounds = 1").format(out=tmp_path)))
+    f = s.trials[("img", "fngd")]
+    for run, v in zip(f, (50.0, 60.0, 90.0)):
+        fake_record(run, [v])
+    new = tune.state(s, executors.status_of, executors.record_of)["tasks"]["img"]["optimizers"]["fngd"]["trial_runs"][3:]
+    best, other = sorted(new, key=lambda r: -r.hparams["lr"])  # the round's winner: its highest lr, an edge again
+    fake_record(best, [99.0])
+    fake_record(other, [20.0])
+    c = tune.state(s, executors.status_of, executors.record_of)["tasks"]["img"]["optimizers"]["fngd"]["chosen"]
+    assert c["run"] == best.id and c["edges"] == ["lr highest tried"] and c["rounds_exhausted"]
+    md = tune.markdown(tune.public(tune.state(s, executors.status_of, executors.record_of)))
+    assert "Edge round 1" in md and "the rounds are used up" in md
+
+
+@pytest.mark.parametrize("body,message", [
+    ("trial_epochs = 3\n", "tasks.a.trial_epochs: 3 is more than the task's epochs \\(2\\)"),
+    ("trial_epochs = 0\n", "tasks.a.trial_epochs: 0: expected an integer >= 1"),
+])
+def test_bad_trial_epochs_are_named(tmp_path, body, message):
+    path = write(tmp_path, "[tune]\ntrials = 2\n[tasks.a]\nkind='timm'\ndata='.'\nepochs=2\n" + body
+                 + "[tasks.a.optimizers.sgd]\nlr = {log = [0.1, 1]}\n")
+    with pytest.raises(sw.SweepError, match=message):
+        sw.load(path)
+    plain = write(tmp_path, "[tasks.a]\nkind='timm'\ndata='.'\nepochs=2\ntrial_epochs=1\n"
+                  "[tasks.a.optimizers.sgd]\nlr = 0.1\n", name="plain.toml")
+    with pytest.raises(sw.SweepError, match="tasks.a.trial_epochs: only a tuning sweep"):
+        sw.load(plain)
 
 
 # ----------------------------------------------------------------------------------------- tuned = ...
@@ -247,9 +327,9 @@ def test_tune_cli_runs_trials_chooses_on_validation_then_runs_the_seeds(tmp_path
     seed1 = recs[sgd["seeds"][1]["run"]]
     assert seed1["seed"] == 1 and seed1["config"]["hparams"] == sgd["chosen"]["hparams"]
     again = cli(str(path), cwd=tmp_path).stdout
-    assert again.count("nothing to launch") == 2
+    assert "trials: none left to launch" in again and again.count("nothing to launch") == 1
     status = cli(str(path), "--status", cwd=tmp_path).stdout
-    assert "2 runs: 2 done" in status and "chosen configurations, other seeds:" in status
+    assert "2 runs: 2 done" in status and "chosen configurations, every seed:" in status
 
 
 # ----------------------------------------------------------------------------------------- presets
@@ -272,6 +352,6 @@ def test_the_paper_preset_dry_runs_on_slurm_with_the_tuning_protocol():
     pytest.importorskip("fairseq")
     out = cli("paper", "--dry-run", cwd=REPO).stdout
     assert "tuning sweep paper: 8 trials for each of 8 optimizers (64 trial runs at seed 0)" in out
-    assert "then the chosen configurations at seeds 1, 2 (16 runs)" in out
+    assert "then the chosen configurations at seeds 0, 1, 2" in out
     assert out.count("[not started; 1 GPU, 8 CPU, 32 GB, 240 min]") == 64
     assert out.count("-m fairseq_ext.translate") == 32 and out.count("-m timm_ext.train") == 32

@@ -100,7 +100,7 @@ def _patch_create_loader() -> None:
         main.create_loader = create_loader
 
 
-def _cifar_resnet(name: str, width: int, pretrained: bool, kwargs: dict) -> ResNet:
+def _cifar_resnet(name: str, width: int, pretrained: bool, kwargs: dict, stem_stride: int = 1) -> ResNet:
     """ResNet-18 layout for 32x32 inputs: 3x3 stride-1 stem, no max-pool (as in the FNGD/KFAC papers'
     CIFAR runs); a 64-channel stem, then stage widths width, 2*width, 4*width, 8*width."""
     if pretrained:
@@ -109,7 +109,8 @@ def _cifar_resnet(name: str, width: int, pretrained: bool, kwargs: dict) -> ResN
         kwargs.pop(key, None)
     channels = (width, 2 * width, 4 * width, 8 * width)
     model = ResNet(block=BasicBlock, layers=(2, 2, 2, 2), channels=channels, **kwargs)
-    model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), 64, 3, stride=1, padding=1, bias=False)  # timm: 64-wide stem
+    model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), 64, 3, stride=stem_stride, padding=1,  # timm: 64-wide stem
+                            bias=False)
     model.maxpool = nn.Identity()
     model.default_cfg = model.pretrained_cfg = {
         "input_size": (3, 32, 32), "num_classes": model.num_classes, "crop_pct": 1.0, "interpolation": "bilinear",
@@ -129,6 +130,13 @@ def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
 def cifar_resnet18_w16(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """The same ResNet-18 at a quarter of the width (16-128): ~16x fewer FLOPs, for CPU sweeps."""
     return _cifar_resnet("cifar_resnet18_w16", 16, pretrained, kwargs)
+
+
+@register_model
+def cifar_resnet18_w16s2(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """The quarter-width ResNet-18 with a stride-2 stem: 28x28 inputs (Fashion-MNIST) reach the four
+    stages at 14, 7, 4 and 2 pixels; ~3.5x cheaper than the stride-1 stem there, for the CPU sweep."""
+    return _cifar_resnet("cifar_resnet18_w16s2", 16, pretrained, kwargs, stem_stride=2)
 
 
 def register() -> None:

@@ -103,13 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-split", default="validation")
     ap.add_argument("--test-split", default=None,
                     help="evaluate the best validation epoch's weights on this split at the end (default: none)")
+    ap.add_argument("--test-data", default=None,
+                    help="data root of --test-split, where it is not under --data (default: --data)")
     ap.add_argument("--out", required=True, type=Path, help="run directory: checkpoint.pt, record.json")
     ap.add_argument("--model", default="cifar_resnet18")
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--img-size", type=int, default=32)
-    ap.add_argument("--mean", type=float, nargs=3, default=(0.5, 0.5, 0.5))
-    ap.add_argument("--std", type=float, nargs=3, default=(0.5, 0.5, 0.5))
+    ap.add_argument("--in-chans", type=int, default=3, help="image channels (1: grey images, e.g. Fashion-MNIST)")
+    ap.add_argument("--mean", type=float, nargs="+", default=None, help="one per channel (default 0.5 each)")
+    ap.add_argument("--std", type=float, nargs="+", default=None, help="one per channel (default 0.5 each)")
     ap.add_argument("--aug", action="store_true", help="timm's training augmentation (default: none)")
+    ap.add_argument("--crop-pct", type=float, default=1.0,
+                    help="evaluation centre crop: resize to img_size/crop_pct, crop img_size (default 1.0: the "
+                         "images as trained on; timm's default 0.875 would zoom evaluation images by 1/0.875)")
     ap.add_argument("--batch-size", type=int, default=64, help="per process")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--max-time-min", type=float, default=None,
@@ -153,7 +159,7 @@ class Trainer:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         self.device = torch.device(device)
         torch.manual_seed(args.seed)
-        model = timm.create_model(args.model, num_classes=args.num_classes).to(self.device)
+        model = timm.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans).to(self.device)
         self.model = model
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -165,18 +171,21 @@ class Trainer:
             self.sched, _ = create_scheduler_v2(self.opt, sched=args.sched, num_epochs=args.epochs,
                                                 warmup_epochs=args.warmup_epochs)
         root, name = args.data, args.dataset
-        common = dict(input_size=(3, args.img_size, args.img_size), mean=tuple(args.mean), std=tuple(args.std),
+        common = dict(input_size=(args.in_chans, args.img_size, args.img_size), mean=tuple(args.mean),
+                      std=tuple(args.std),
                       num_workers=args.workers, use_prefetcher=False, distributed=self.world > 1,
                       device=self.device, persistent_workers=args.workers > 0)  # timm < 1.0.2x defaults to True
         train = create_dataset(name, root=root, split=args.train_split, is_training=True, download=args.download)
         val = create_dataset(name, root=root, split=args.val_split, download=args.download)
         self.train_loader = create_loader(train, batch_size=args.batch_size, is_training=True,
                                           no_aug=not args.aug, **common)
-        self.val_loader = create_loader(val, batch_size=max(args.batch_size, 128), is_training=False, **common)
+        self.val_loader = create_loader(val, batch_size=max(args.batch_size, 128), is_training=False,
+                                        crop_pct=args.crop_pct, **common)
         self.test_loader = None
         if args.test_split:  # built now: a missing split fails before any training, not after it
-            test = create_dataset(name, root=root, split=args.test_split, download=args.download)
-            self.test_loader = create_loader(test, batch_size=max(args.batch_size, 128), is_training=False, **common)
+            test = create_dataset(name, root=args.test_data or root, split=args.test_split, download=args.download)
+            self.test_loader = create_loader(test, batch_size=max(args.batch_size, 128), is_training=False,
+                                             crop_pct=args.crop_pct, **common)
 
     # ------------------------------------------------------------------------------- epochs
     def _sync(self) -> None:
@@ -367,9 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         parse_kv(args.opt_kwargs)
-        for name in ("epochs", "batch_size", "num_classes", "img_size"):
+        for name in ("epochs", "batch_size", "num_classes", "img_size", "in_chans"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+        if not 0 < args.crop_pct <= 1:
+            raise ValueError(f"--crop-pct {args.crop_pct}: must be in (0, 1]")
+        for name in ("mean", "std"):
+            value = getattr(args, name)
+            if value is None:
+                setattr(args, name, [0.5] * args.in_chans)
+            elif len(value) != args.in_chans:
+                raise ValueError(f"--{name} {' '.join(map(str, value))}: {len(value)} values, expected one per "
+                                 f"channel (--in-chans {args.in_chans})")
         if args.lr <= 0:
             raise ValueError(f"--lr {args.lr}: must be > 0")
         if not args.dataset:  # an image folder: every split named must be a sub-folder of --data
