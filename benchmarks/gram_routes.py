@@ -10,7 +10,7 @@ random input and output gradients (median of --repeats calls after one warm-up):
   chunked      g_i materialised a block of output rows at a time, K += G G^T
   materialize  (Conv2d) g_i from one grouped weight-gradient convolution
   pixel        (Conv2d) pixel-pair products shifted once per kernel offset (ConvGrads._pixel_gram)
-and printed with the route FNGD's cost model (samplers._route_costs, constants ROUTE_COST) picks:
+and printed with the route FNGD's cost model (fngd_plugin/samplers/routes.py: _route_costs, constants ROUTE_COST) picks:
 "picked / fastest" is the price of a wrong pick. This is the measurement the constants come from.
 """
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .samplers import (
-    ConvGrads,
     EmbeddingGrads,
     FactoredGrads,
     PerSampleGrads,
@@ -34,6 +33,7 @@ from .samplers import (
     _same_token_pairs,
     _token_pair_sums,
 )
+from .samplers.routes import sketch_pays
 
 
 def shared_blocks(reps: dict[nn.Module, PerSampleGrads], index: dict[int, int]) -> dict[int, list[PerSampleGrads]]:
@@ -68,26 +68,6 @@ def add_weighted(reps: list[PerSampleGrads], w: Tensor, out: dict[int, tuple[Ten
                 acc.add_(g.reshape_as(acc))  # in place: no second full-size copy per parameter
             else:
                 out[id(p)] = (p, acc + g.reshape_as(acc))
-
-
-def _sizes(r: PerSampleGrads) -> tuple[int, int, int, int] | None:
-    """(n, T, p, q) of a layer whose per-sample gradient is sum_t d_it a_it^T (q x p), else None."""
-    if isinstance(r, FactoredGrads):
-        n, T, p = r.A.shape
-        return n, T, p, r.D.shape[-1]
-    if isinstance(r, ConvGrads) and r.module.groups == 1:
-        return r.n, r._tokens(), r.weight[0].numel(), r.weight.shape[0]
-    return None
-
-
-def sketch_pays(r: PerSampleGrads, k: int) -> bool:
-    """Whether a k x k sketch is cheaper than the exact Gram of this Linear or Conv2d (flop counts)."""
-    sizes = _sizes(r)
-    if sizes is None:
-        return False
-    n, T, p, q = sizes
-    exact = min((n * T) ** 2 * (p + q), n * T * p * q + n * n * p * q)
-    return p * q > k * k and n * T * k * (p + q + k) + n * n * k * k < exact
 
 
 def _sketched_factors(r: PerSampleGrads, k: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
