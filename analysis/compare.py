@@ -296,5 +296,5 @@ def build_tables(df: pd.DataFrame, targets: dict[str, float] | None = None) -> d
     seeds, speed = speedups(runs)
     named = reachable_targets(df, runs, chosen)
     return {"targets": target_table, "runs": runs, "headline": headline(runs, speed), "speedups": speed,
-            "speedup_seeds": seeds, "speedups_by_target": speedups_by_target(df, named), "final": final_table(runs), "epoch_cost": epoch_cost(df, runs),
-            "ablation": ablation(df, runs)}
+            "speedup_seeds": seeds, "speedups_by_target": speedups_by_target(df, named), "final": final_table(runs),
+            "epoch_cost": epoch_cost(df, runs), "ablation": ablation(df, runs)}

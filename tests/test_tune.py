@@ -64,7 +64,8 @@ def test_a_tuning_sweep_runs_the_same_number_of_trials_per_optimizer_at_the_firs
 
 BAD = [
     ("[tune]\ntrials = 0\n", "tune.trials: 0: expected an integer >= 1"),
-    ("[tune]\ntrials = 2\nbudget = 3\n", "tune.budget: unknown key; allowed: round_trials, rounds, search_seed, trials"),
+    ("[tune]\ntrials = 2\nbudget = 3\n",
+     "tune.budget: unknown key; allowed: round_trials, rounds, search_seed, trials"),
     ("[tune]\ntrials = 2\nsearch_seed = -1\n", "tune.search_seed: -1: expected an integer >= 0"),
 ]
 
@@ -207,7 +208,8 @@ def test_rounds_stop_when_used_up_and_say_so(tmp_path):
     f = s.trials[("img", "fngd")]
     for run, v in zip(f, (50.0, 60.0, 90.0)):
         fake_record(run, [v])
-    new = tune.state(s, executors.status_of, executors.record_of)["tasks"]["img"]["optimizers"]["fngd"]["trial_runs"][3:]
+    state = tune.state(s, executors.status_of, executors.record_of)
+    new = state["tasks"]["img"]["optimizers"]["fngd"]["trial_runs"][3:]
     best, other = sorted(new, key=lambda r: -r.hparams["lr"])  # the round's winner: its highest lr, an edge again
     fake_record(best, [99.0])
     fake_record(other, [20.0])
