@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fngd-installed
 
-.PHONY: venv test lint demo bench report clean
+.PHONY: venv test lint demo bench report gpu-check clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/fallback_cost.py --out results/fallback_cost.md
 	$(PY) benchmarks/sketch_cost.py --out results/sketch_cost.md
 	$(PY) benchmarks/peers.py --quick --out results/peers.md
+
+# What only a GPU can show (benchmarks/gpu_check.py, under 10 minutes): the exactness and loop-shape
+# tests on CUDA in float64 and under bf16 autocast, the Gram routes and the collect profile at GPU
+# sizes; writes benchmarks/reports/gpu-<device>.md. It installs nothing and runs this working tree
+# with the interpreter given, e.g. a GPU machine's own: make gpu-check PY=python3
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV)

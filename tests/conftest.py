@@ -8,7 +8,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from run_target import Target, target_from_env  # noqa: E402
 from slurm_cluster import slurm_cluster_fixture  # noqa: E402,F401  (the session fixture `slurm_cluster`)
+
+
+def pytest_configure(config):
+    config._fngd_target = target_from_env()
+
+
+def pytest_report_header(config):
+    t = config._fngd_target
+    return f"fngd target: device {t.device}, autocast {t.autocast or 'off'} (FNGD_TEST_DEVICE, FNGD_TEST_AUTOCAST)"
+
+
+@pytest.fixture
+def target(request) -> Target:
+    return request.config._fngd_target
 
 
 @pytest.fixture
