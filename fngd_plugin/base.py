@@ -68,6 +68,16 @@ CAUSES = {
                   "non-finite factors, or it first received a gradient after the last inverse update), so its "
                   "gradient was used unpreconditioned in this step, until an inverse update succeeds. A larger "
                   "damping or inverse='eigen' avoids the first; a smaller inv_update_steps shortens the second.",
+    "broadcast": "a module's input carries no sample dimension (declared with opt.set_batch_dim(module, None), "
+                 "or a batch of one whose output could not be handed on per sample), so the whole batch shares it "
+                 "and its per-sample gradients cannot be read from its output: its parameters got the plain "
+                 "gradient. This is expected for tables indexed by positions alone (T5's relative attention bias); "
+                 "it is exact in reuse steps with coefficients='network'.",
+    "sample_mismatch": "a module's input has a leading dimension that is neither the batch's number of samples nor "
+                       "a reshape of (samples, rows) that FNGD could trace, so its rows cannot be attributed to "
+                       "samples: its parameters got the plain gradient. If its input is shared by the whole batch "
+                       "(e.g. relative-position buckets), declare it with opt.set_batch_dim(module, None); if its "
+                       "samples lie along another dimension, declare that one with opt.set_batch_dim(module, dim).",
     "root_mismatch": "a reuse step found no output tensor of the model whose batch size matches the stored "
                      "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
                      "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",
@@ -123,6 +133,8 @@ class CaptureOptimizer(torch.optim.Optimizer):
         # host-side counts (no device sync): steps by cause that were not preconditioned, and
         # finished batches the host threw away with zero_grad() before any step (skipped updates)
         self.unpreconditioned: Counter[str] = Counter()
+        self.unpreconditioned_modules: dict[str, set[str]] = {}  # cause -> the modules it hit, by name
+        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self.discarded_batches = 0
         self._engaged = False
         self.coverage = self._coverage_report()
@@ -162,15 +174,41 @@ class CaptureOptimizer(torch.optim.Optimizer):
     def _note_step(self, taken: list[MicroBatch], cause: str | None) -> None:
         """Subclasses count steps by phase here (``self._engaged``: _precondition used its batches)."""
 
-    def _unengaged(self, cause: str, detail: str = "") -> None:
+    def _unengaged(self, cause: str, detail: str = "", module: nn.Module | None = None) -> None:
+        """Count one step (or one module of it, named in stats()['unpreconditioned_modules']) that
+        could not be preconditioned; warned once per cause, or per cause and module."""
         self.unpreconditioned[cause] += 1
-        self._warn_once(f"cause-{cause}", f"{type(self).__name__}: {CAUSES[cause]}{detail} (counted in "
+        key = f"cause-{cause}"
+        if module is not None:
+            name = self._module_name(module)
+            self.unpreconditioned_modules.setdefault(cause, set()).add(name)
+            key += f"-{name}"
+            detail = f" (module {name}{detail})"
+        self._warn_once(key, f"{type(self).__name__}: {CAUSES[cause]}{detail} (counted in "
                         f"stats()['unpreconditioned']['{cause}']; this warning is shown once)")
 
-    def set_batch_dim(self, module: nn.Module, dim: int) -> None:
-        """Declare that ``module``'s inputs and outputs carry the sample dimension at ``dim``."""
+    def _module_name(self, module: nn.Module) -> str:
+        """``module``'s qualified name in the model that ran it ("Type 'name'"), else its type."""
+        if module not in self._names:
+            for root in list(self._capture.roots):
+                for name, m in root.named_modules():
+                    self._names.setdefault(m, f"{type(m).__name__} '{name}'")
+        return self._names.get(module, type(module).__name__)
+
+    def set_batch_dim(self, module: nn.Module, dim: int | None) -> None:
+        """Declare that ``module``'s inputs and outputs (and its submodules') carry the sample
+        dimension at ``dim``; ``None``: they carry none (an input shared by the whole batch, such
+        as relative-position buckets): such modules get the plain gradient, counted under
+        'broadcast' in stats()['unpreconditioned']."""
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+            raise ValueError(f"set_batch_dim: dim must be an int >= 0 or None (no sample dimension), got {dim!r}")
         for m in module.modules():
-            self._capture.batch_dims[m] = dim
+            if dim is None:
+                self._capture.shared.add(m)
+                self._capture.batch_dims.pop(m, None)
+            else:
+                self._capture.shared.discard(m)
+                self._capture.batch_dims[m] = dim
 
     def attach(self, model: nn.Module) -> dict:
         """Optional: recompute the coverage report with the model's module names."""
@@ -291,7 +329,11 @@ class CaptureOptimizer(torch.optim.Optimizer):
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _reps(self, mb: MicroBatch) -> dict[nn.Module, PerSampleGrads]:
+        """Per-sample gradients of each recorded module of one micro-batch. Modules whose calls do
+        not carry the batch's samples (shared inputs, untraceable leading dimensions) are counted
+        by cause and left to the plain gradient, never an error."""
         reps: dict[nn.Module, PerSampleGrads] = {}
+        todo: list[tuple[nn.Module, list[Call]]] = []
         for module, calls in mb.calls.items():
             if not self._coverable(module):
                 continue
@@ -316,18 +358,50 @@ class CaptureOptimizer(torch.optim.Optimizer):
             calls = seen
             if not calls:
                 continue
+            if module in self._capture.shared:
+                self._unengaged("broadcast", module=module)
+                continue
+            todo.append((module, calls))
+        n = self._batch_size(mb, todo)
+        for module, calls in todo:
             bd = self._capture.batch_dims.get(module, 0)
+            sizes = {self._call_samples(module, c, bd) for c in calls}
+            if sizes != {n}:
+                # a batch of one whose output could not be expanded, or no sample dimension: shared
+                shared = sizes <= {None, 1}
+                self._unengaged("broadcast" if shared else "sample_mismatch", module=module,
+                                detail="" if shared else f": leading dimension {sorted(s or 0 for s in sizes)} "
+                                f"against {n} samples")
+                continue
             parts = self._module_grads(module, calls, bd)
             if parts is None:
                 continue
             reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
             reps[module].label = type(module).__name__
-        sizes = {r.n for r in reps.values()}
-        if len(sizes) > 1:
-            detail = ", ".join(f"{type(m).__name__}: {r.n}" for m, r in reps.items())
-            raise ValueError(f"FNGD: modules disagree on the number of samples ({detail}); declare the sample "
-                             "dimension of time-first modules with opt.set_batch_dim(module, dim)")
         return reps
+
+    def _call_samples(self, module: nn.Module, call: Call, bd: int) -> int | None:
+        """The number of samples a recorded call carries (None: its input has no batch dimension)."""
+        if call.grads is not None:
+            return call.grads.n
+        if self._route(module) == "generic":
+            bd = batch_dim_of(module, bd)
+            return call.delta.shape[bd] if call.delta is not None and call.delta.dim() > bd else None
+        return call.a.shape[bd] if call.a.dim() > bd else None
+
+    def _batch_size(self, mb: MicroBatch, todo: list[tuple[nn.Module, list[Call]]]) -> int | None:
+        """The batch's number of samples: the model input's (mb.n) where some module carries it,
+        else the most common among the modules' calls (modules that disagree are left out, counted)."""
+        votes: Counter[int] = Counter()
+        for module, calls in todo:
+            bd = self._capture.batch_dims.get(module, 0)
+            for c in calls:
+                s = self._call_samples(module, c, bd)
+                if s is not None:
+                    votes[s] += 1
+        if mb.n is not None and mb.n in votes:
+            return mb.n
+        return votes.most_common(1)[0][0] if votes else mb.n
 
     # ------------------------------------------------------------------ compaction during the backward
     def _compacts(self) -> bool:
@@ -339,7 +413,8 @@ class CaptureOptimizer(torch.optim.Optimizer):
         per-sample gradients are smaller than its input and output gradient (a norm layer's, always;
         an early convolution's with many positions), compute them now and drop those two tensors,
         instead of holding every layer's until the step. Same numbers, less peak memory."""
-        if call.recomputed or call.delta is None or len(mb.calls.get(module, ())) != 1:
+        if (call.recomputed or call.delta is None or len(mb.calls.get(module, ())) != 1
+                or module in self._capture.shared):
             return
         if self._route(module) != "sampler" or not self._coverable(module):
             return
@@ -405,7 +480,7 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 return None
             bd = batch_dim_of(module, bd)
             try:
-                return [generic_grads(module, c.args, c.kwargs, c.delta, bd) for c in calls]
+                return [generic_grads(module, c.args, c.kwargs, c.delta, bd, rows=bool(c.rows)) for c in calls]
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # not vmap-able (in-place ops on batched tensors, e.g. nn.GRU)
