@@ -36,8 +36,10 @@ position embeddings on position ids of shape (1, T)) while the batch has n > 1 s
 model ``out.expand(n, ...)`` instead of its output: a view with the same values, which the model
 broadcasts into per-sample tensors exactly as it would the original, so the output gradient
 arrives per sample and the per-sample gradients are exact. A module whose input is n*k rows, a
-reshape of an (n, k, ...) tensor (hidden states flattened to (-1, d) before a norm or an FFN), is
-recorded as (n, k, ...): its rows are attributed to samples exactly. The batch's n is the root's
+reshape of an (n, k, ...) tensor (hidden states flattened to (-1, d) before a norm or an FFN), or
+the output of such a module passed on directly, is recorded as (n, k, ...): its rows are attributed
+to samples exactly (modules given flattened rows are assumed to treat rows independently, as norms
+and FFNs do). The batch's n is the root's
 first positional tensor, else its keyword input (``input_ids``, ``pixel_values``, ...).
 Modules declared shared (``shared``) are recorded but left to the plain gradient.
 
@@ -106,6 +108,9 @@ class MicroBatch:
     # how many of them were recorded when recomputed
     nograd_calls: Counter = field(default_factory=Counter)
     recomputed: Counter = field(default_factory=Counter)
+    # outputs of calls recorded as flattened rows, id -> (weak reference, rows per sample): a module
+    # applied to one of them directly (a norm, then an FFN on its rows) sees the same rows
+    row_outputs: dict[int, tuple[Any, int]] = field(default_factory=dict)
     # a batch whose gradient the host discards (see FNGD.ignore_next_batch): captured only so that
     # this worker joins the step's collectives, with a zero contribution
     dummy: bool = False
@@ -343,6 +348,9 @@ class ModuleCapture:
         if (n is None or n <= 1 or self.batch_dims.get(module, 0) != 0 or module in self.shared or a.dim() < 1
                 or a.shape[0] == n or a.shape[0] % n):
             return 0
+        known = mb.row_outputs.get(id(a))
+        if known is not None and known[0]() is a:
+            return known[1]
         return a.shape[0] // n if _reshaped_from_samples(a, n) else 0
 
     def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, kwargs: dict, out: Any,
@@ -366,6 +374,8 @@ class ModuleCapture:
             rows = self._flattened_rows(mb, module, args[0])
             if rows:
                 flat = args[0].shape[0]
+                if out.dim() and out.shape[0] == flat:  # a row-wise module's output: the same rows
+                    mb.row_outputs[id(out)] = (weakref.ref(out), rows)
                 args = tuple(t.reshape(mb.n, rows, *t.shape[1:])
                              if isinstance(t, Tensor) and t.dim() and t.shape[0] == flat else t for t in args)
         detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
