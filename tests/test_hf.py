@@ -189,7 +189,8 @@ def test_trainer(tmp_path, name):
     # 16 samples, batches of 4, 2 accumulated: 2 optimizer steps (4 forwards) per epoch
     assert steps == {"collect": 2, "collect_solved": 2, "reuse": 2, "reuse_weighted": 2}, s
     assert s["collect_steps"] == 4  # one solve per micro-batch
-    assert s["unpreconditioned"] == ({"broadcast": 4} if name == "t5" else {}), s["unpreconditioned_modules"]
+    # T5: the encoder's and the decoder's relative bias, in each of the 4 collect micro-batches
+    assert s["unpreconditioned"] == ({"broadcast": 8} if name == "t5" else {}), s["unpreconditioned_modules"]
     logged = [h for h in trainer.state.log_history if "fngd/coverage" in h]
     assert logged and logged[-1]["fngd/reuse_weighted_steps"] == 2
     print(f"{name}: {opt.coverage['line'][:160]} | {steps} | {s['unpreconditioned']}")
