@@ -178,13 +178,13 @@ class CaptureOptimizer(torch.optim.Optimizer):
         """Count one step (or one module of it, named in stats()['unpreconditioned_modules']) that
         could not be preconditioned; warned once per cause, or per cause and module."""
         self.unpreconditioned[cause] += 1
-        key = f"cause-{cause}"
+        key, head = f"cause-{cause}", ""
         if module is not None:
             name = self._module_name(module)
             self.unpreconditioned_modules.setdefault(cause, set()).add(name)
             key += f"-{name}"
-            detail = f" (module {name}{detail})"
-        self._warn_once(key, f"{type(self).__name__}: {CAUSES[cause]}{detail} (counted in "
+            head, detail = f"module {name}{detail}: ", ""
+        self._warn_once(key, f"{type(self).__name__}: {head}{CAUSES[cause]}{detail} (counted in "
                         f"stats()['unpreconditioned']['{cause}']; this warning is shown once)")
 
     def _module_name(self, module: nn.Module) -> str:

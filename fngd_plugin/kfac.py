@@ -152,7 +152,7 @@ class KFAC(CaptureOptimizer):
 
     def _unsupported(self, module: nn.Module) -> str | None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_conv1d(module):
-            return f"KFAC covers Linear, Conv2d and transformers' Conv1D, not {type(module).__name__}"
+            return f"KFAC covers Linear and Conv2d (and transformers' Conv1D), not {type(module).__name__}"
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return "grouped convolution"
         if self.max_factor_dim is not None:
