@@ -41,6 +41,8 @@ the output of such a module passed on directly, is recorded as (n, k, ...): its 
 to samples exactly (modules given flattened rows are assumed to treat rows independently, as norms
 and FFNs do). The batch's n is the root's
 first positional tensor, else its keyword input (``input_ids``, ``pixel_values``, ...).
+A module whose output the model permutes into a batch of one before broadcasting it (T5's
+relative attention bias) is made exact by its host adapter through :meth:`broadcast_output`.
 Modules declared shared (``shared``) are recorded but left to the plain gradient.
 
 Calls made under torch.func transforms, or while ``functional_call`` has swapped the module's
@@ -85,6 +87,10 @@ class Call:
     # the call's input was n*rows rows of a flattened (n, rows, ...) tensor, recorded as (n, rows, ...)
     rows: int = 0
     expanded: bool = False  # its batch-of-one output was handed to the model expanded to n samples
+    # its per-sample output gradient comes from a tensor the model built from its output
+    # (ModuleCapture.broadcast_output); the gradient arriving at the output itself is then ignored
+    downstream: bool = False
+    live: Any = None  # a weak reference to the output the model received (broadcast_output checks it)
 
 
 @dataclass
@@ -384,6 +390,7 @@ class ModuleCapture:
             first = first.contiguous()  # indices (BERT's token types are an expanded buffer): small, searched
         call = Call(first, sampler_meta(module), recomputed=recomputed, args=detached, kwargs=dict(kwargs),
                     out=out.detach() if self._keep_output(module) else None, rows=rows, expanded=n is not None)
+        call.live = weakref.ref(out)
         if rows and call.out is not None:
             call.out = call.out.reshape(mb.n, rows, *call.out.shape[1:])
         mb.calls.setdefault(module, []).append(call)
@@ -391,6 +398,8 @@ class ModuleCapture:
         on_delta = self._on_delta
 
         def on_grad(g: Tensor) -> None:
+            if call.downstream:  # the batch's sum of what broadcast_output's hook already saw per sample
+                return
             mb.backward_seen = True
             mb.tasks.add(_graph_task())
             if rows:
@@ -413,6 +422,46 @@ class ModuleCapture:
         else:
             out.register_hook(on_grad)
         return replaced
+
+    def broadcast_output(self, module: nn.Module, used: Tensor, pullback: Callable[[Tensor], Tensor]) -> Tensor:
+        """For a recorded module whose output the model turns into ``used``, a batch of one (size 1
+        in dimension 0) that it broadcasts into per-sample tensors (T5's relative attention bias,
+        permuted to (1, heads, q, k) and added to every layer's scores): returns ``used`` expanded
+        to the batch's n samples (the same values), and takes the module's per-sample output
+        gradient from the gradient that view receives, ``pullback`` mapping (n, *used.shape[1:])
+        to (n, *output.shape). The module's inputs are then the same for every sample. Returns
+        ``used`` itself where nothing is captured (reuse steps), the call is not recorded, or
+        ``pullback`` does not take ``used`` back to the module's output (checked on the values:
+        ``used`` must be a permutation or reshape of it, whose pullback is its inverse)."""
+        mb = self.current
+        if (mb is None or not mb.capture or self._recomputing or mb.n is None or mb.n <= 1 or used.dim() == 0
+                or used.shape[0] != 1 or not used.requires_grad):
+            return used
+        calls = mb.calls.get(module)
+        if not calls or calls[-1].expanded or calls[-1].rows or calls[-1].delta is not None:
+            return used
+        call, n = calls[-1], mb.n
+        source = call.live() if call.live is not None else None
+        with torch.no_grad():  # pullback must undo the model's permutation / reshape of the output
+            back = pullback(used.detach())
+        if source is None or back.shape[1:] != source.shape or not torch.equal(back[0], source.detach()):
+            return used
+        call.a = call.a.unsqueeze(0).expand(n, *call.a.shape).contiguous()
+        call.args = (call.a, *call.args[1:])
+        call.downstream = call.expanded = True
+        on_delta = self._on_delta
+
+        def on_grad(g: Tensor) -> None:
+            mb.backward_seen = True
+            mb.tasks.add(_graph_task())
+            d = pullback(g)
+            call.delta = d if call.delta is None else call.delta + d
+            if on_delta is not None:
+                on_delta(module, call, mb)
+
+        expanded = used.expand(n, *used.shape[1:])
+        expanded.register_hook(on_grad)
+        return expanded
 
     def _hook_root(self, mb: MicroBatch, module: nn.Module, out: Any) -> None:
         """Hooks on the root's outputs: they tell which backward runs this batch, and rescale the
