@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 tf = pytest.importorskip("transformers")
 
 from fngd_plugin import FNGD, KFAC  # noqa: E402
+from fngd_plugin import hf as fngd_hf  # noqa: E402
 from fngd_plugin.hf import FNGDCallback, prepare  # noqa: E402
 
 LAM = 0.37
@@ -183,7 +184,9 @@ def train(tmp_path, model, kind, opt, epochs=2):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_trainer(tmp_path, name):
+def test_trainer(tmp_path, monkeypatch, name):
+    lines = []
+    monkeypatch.setattr(fngd_hf.trainer_logger, "info", lines.append)  # the Trainer's logger
     model, kind = build(name)
     before = [p.detach().clone() for p in model.parameters()]
     opt = FNGD(model.parameters(), lr=0.05)
@@ -198,6 +201,10 @@ def test_trainer(tmp_path, name):
     assert steps == {"collect": 2, "collect_solved": 2, "reuse": 2, "reuse_weighted": 2}, s
     assert s["collect_steps"] == 4  # one solve per micro-batch
     assert s["unpreconditioned"] == {}, s["unpreconditioned_modules"]
+    tail = "reuse misses (samples) 0; not preconditioned (all epochs): none; batches discarded by the host: 0"
+    assert [x for x in lines if x.startswith("FNGD")] == [
+        f"FNGD epoch 0: 2/2 collect steps solved, 0/0 reuse steps reweighted; {tail}",
+        f"FNGD epoch 1: 0/0 collect steps solved, 2/2 reuse steps reweighted; {tail}"]
     logged = [h for h in trainer.state.log_history if "fngd/coverage" in h]
     assert logged and logged[-1]["fngd/reuse_weighted_steps"] == 2
     print(f"{name}: {opt.coverage['line'][:160]} | {steps} | {s['unpreconditioned']}")
