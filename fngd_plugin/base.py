@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .broadcast import call_samples, misaligned
 from .capture import Call, MicroBatch, ModuleCapture, live_modules
 from .distributed import all_reduce_mean
 from .generic import batch_dim_of, generic_grads, generic_reason, own_params
@@ -362,17 +363,12 @@ class CaptureOptimizer(torch.optim.Optimizer):
                 self._unengaged("broadcast", module=module)
                 continue
             todo.append((module, calls))
-        n = self._batch_size(mb, todo)
+        off = misaligned(mb.n, {m: [self._call_samples(m, c) for c in calls] for m, calls in todo})
         for module, calls in todo:
-            bd = self._capture.batch_dims.get(module, 0)
-            sizes = {self._call_samples(module, c, bd) for c in calls}
-            if sizes != {n}:
-                # a batch of one whose output could not be expanded, or no sample dimension: shared
-                shared = sizes <= {None, 1}
-                self._unengaged("broadcast" if shared else "sample_mismatch", module=module,
-                                detail="" if shared else f": leading dimension {sorted(s or 0 for s in sizes)} "
-                                f"against {n} samples")
+            if module in off:
+                self._unengaged(*off[module], module=module)
                 continue
+            bd = self._capture.batch_dims.get(module, 0)
             parts = self._module_grads(module, calls, bd)
             if parts is None:
                 continue
@@ -380,28 +376,10 @@ class CaptureOptimizer(torch.optim.Optimizer):
             reps[module].label = type(module).__name__
         return reps
 
-    def _call_samples(self, module: nn.Module, call: Call, bd: int) -> int | None:
-        """The number of samples a recorded call carries (None: its input has no batch dimension)."""
-        if call.grads is not None:
-            return call.grads.n
-        if self._route(module) == "generic":
-            bd = batch_dim_of(module, bd)
-            return call.delta.shape[bd] if call.delta is not None and call.delta.dim() > bd else None
-        return call.a.shape[bd] if call.a.dim() > bd else None
-
-    def _batch_size(self, mb: MicroBatch, todo: list[tuple[nn.Module, list[Call]]]) -> int | None:
-        """The batch's number of samples: the model input's (mb.n) where some module carries it,
-        else the most common among the modules' calls (modules that disagree are left out, counted)."""
-        votes: Counter[int] = Counter()
-        for module, calls in todo:
-            bd = self._capture.batch_dims.get(module, 0)
-            for c in calls:
-                s = self._call_samples(module, c, bd)
-                if s is not None:
-                    votes[s] += 1
-        if mb.n is not None and mb.n in votes:
-            return mb.n
-        return votes.most_common(1)[0][0] if votes else mb.n
+    def _call_samples(self, module: nn.Module, call: Call) -> int | None:
+        bd = self._capture.batch_dims.get(module, 0)
+        generic = self._route(module) == "generic" and call.grads is None
+        return call_samples(call, batch_dim_of(module, bd) if generic else bd, generic)
 
     # ------------------------------------------------------------------ compaction during the backward
     def _compacts(self) -> bool:

@@ -31,20 +31,6 @@ torch.compile: a capturing batch runs an ``OptimizedModule`` eagerly
 (``torch.compiler.set_stance("force_eager")``, so every hook fires); a batch that only needs its
 root output (network-coefficient reuse) runs compiled. The hooks do nothing while dynamo traces.
 
-Inputs shared by the batch: a recorded module called with a batch of one (GPT-2's and BERT's
-position embeddings on position ids of shape (1, T)) while the batch has n > 1 samples hands the
-model ``out.expand(n, ...)`` instead of its output: a view with the same values, which the model
-broadcasts into per-sample tensors exactly as it would the original, so the output gradient
-arrives per sample and the per-sample gradients are exact. A module whose input is n*k rows, a
-reshape of an (n, k, ...) tensor (hidden states flattened to (-1, d) before a norm or an FFN), or
-the output of such a module passed on directly, is recorded as (n, k, ...): its rows are attributed
-to samples exactly (modules given flattened rows are assumed to treat rows independently, as norms
-and FFNs do). The batch's n is the root's
-first positional tensor, else its keyword input (``input_ids``, ``pixel_values``, ...).
-A module whose output the model permutes into a batch of one before broadcasting it (T5's
-relative attention bias) is made exact by its host adapter through :meth:`broadcast_output`.
-Modules declared shared (``shared``) are recorded but left to the plain gradient.
-
 Calls made under torch.func transforms, or while ``functional_call`` has swapped the module's
 parameters for other tensors, are ignored. The hooks hold the capture only weakly and are removed
 when it is garbage-collected. Nothing here knows about layer math or phases.
@@ -53,8 +39,6 @@ when it is garbage-collected. Nothing here knows about layer math or phases.
 from __future__ import annotations
 
 import gc
-import math
-import sys
 import warnings
 import weakref
 from collections import Counter
@@ -66,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .broadcast import SampleAlignment
 from .samplers import sampler_meta
 
 MAX_PENDING = 64
@@ -84,13 +69,9 @@ class Call:
     # are smaller than the input and output gradient they replace: those are then dropped
     grads: Any = None
     twice: bool = False  # a second output gradient arrived after the first was compacted away
-    # the call's input was n*rows rows of a flattened (n, rows, ...) tensor, recorded as (n, rows, ...)
-    rows: int = 0
-    expanded: bool = False  # its batch-of-one output was handed to the model expanded to n samples
-    # its per-sample output gradient comes from a tensor the model built from its output
-    # (ModuleCapture.broadcast_output); the gradient arriving at the output itself is then ignored
-    downstream: bool = False
-    live: Any = None  # a weak reference to the output the model received (broadcast_output checks it)
+    rows: int = 0  # its input was n*rows flattened rows, recorded as (n, rows, ...) (broadcast.py)
+    unhook: Any = None  # removes the output-gradient hook (broadcast_output takes them from downstream)
+    live: Any = None  # a weak reference to the output the model received
 
 
 @dataclass
@@ -114,9 +95,7 @@ class MicroBatch:
     # how many of them were recorded when recomputed
     nograd_calls: Counter = field(default_factory=Counter)
     recomputed: Counter = field(default_factory=Counter)
-    # outputs of calls recorded as flattened rows, id -> (weak reference, rows per sample): a module
-    # applied to one of them directly (a norm, then an FFN on its rows) sees the same rows
-    row_outputs: dict[int, tuple[Any, int]] = field(default_factory=dict)
+    row_outputs: dict[int, tuple[Any, int]] = field(default_factory=dict)  # flattened rows' outputs (broadcast.py)
     # a batch whose gradient the host discards (see FNGD.ignore_next_batch): captured only so that
     # this worker joins the step's collectives, with a zero contribution
     dummy: bool = False
@@ -167,8 +146,9 @@ def live_modules(kind: type = nn.Module, params: Iterable[Tensor] | None = None)
     return [m for m in found if any(id(p) in ids for p in m.parameters())]
 
 
-class ModuleCapture:
-    """Global-hook capture filtered by parameter identity (see module docstring)."""
+class ModuleCapture(SampleAlignment):
+    """Global-hook capture filtered by parameter identity (see module docstring); calls whose inputs
+    do not carry the batch the usual way are aligned with its samples by SampleAlignment (broadcast.py)."""
 
     def __init__(
         self,
@@ -188,8 +168,7 @@ class ModuleCapture:
         self._owned: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, Tensor]]] = weakref.WeakKeyDictionary()
         self._witness: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
         self.batch_dims: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-        # modules whose inputs carry no sample dimension at all (declared): plain gradient
-        self.shared: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.shared: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # declared: no sample dimension
         self.pending: list[MicroBatch] = []
         self.current: MicroBatch | None = None
         self._depth = 0
@@ -213,7 +192,6 @@ class ModuleCapture:
             if cap is not None:
                 kwargs, out = rest if len(rest) == 2 else ({}, rest[0])
                 return cap._post(module, args, kwargs, out)
-            return None
 
         _remove_all([])  # hooks of collected captures deferred by a compile: gone now
         self._handles = [
@@ -278,11 +256,7 @@ class ModuleCapture:
                 self.current = self._start_batch(module, args)
                 if self.current is not None:
                     self.roots.add(module)
-                    bd = self.batch_dims.get(module, 0)
-                    if args and isinstance(args[0], Tensor) and args[0].dim() > bd:
-                        self.current.n = args[0].shape[bd]
-                    elif not args:  # called with keywords only (Hugging Face models)
-                        self.current.n = _batch_of(_call_kwargs(module), bd)
+                    self.current.n = self._root_samples(module, args)
                     if len(self.pending) >= MAX_PENDING:  # forwards without step()/zero_grad(): do not hoard
                         del self.pending[0]
                         if not self.dropped:
@@ -312,8 +286,7 @@ class ModuleCapture:
         return None
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        """The forward hook; returns a replacement output (an expanded view of a batch-of-one
-        output, see the module docstring) or None."""
+        """The forward hook; returns a replacement output (broadcast.py) or None."""
         if torch.compiler.is_compiling() or not self._active() or not self._contains(module):
             return None
         if self._stances and self._stances[-1][0] is module:
@@ -334,31 +307,6 @@ class ModuleCapture:
             self._recomputing = False
         return replaced
 
-    def _shared_input(self, mb: MicroBatch, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> int | None:
-        """n, where ``module`` was called with inputs that are a batch of one (every tensor input of
-        size 1 in the batch dimension) while the batch has n > 1 samples, and returned a batch of
-        one: its output can be handed on expanded to n samples. None otherwise."""
-        bd = self.batch_dims.get(module, 0)
-        n = mb.n
-        if n is None or n <= 1 or module in self.shared or out.dim() <= bd or out.shape[bd] != 1:
-            return None
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-        if args[0].dim() <= bd or any(t.dim() > bd and t.shape[bd] != 1 for t in tensors):
-            return None
-        return n
-
-    def _flattened_rows(self, mb: MicroBatch, module: nn.Module, a: Tensor) -> int:
-        """k, where the input ``a`` (rows first) is a reshape of an (n, k, ...) tensor of this batch's
-        n samples (sample i's rows are then i k .. (i + 1) k - 1); 0 otherwise."""
-        n = mb.n
-        if (n is None or n <= 1 or self.batch_dims.get(module, 0) != 0 or module in self.shared or a.dim() < 1
-                or a.shape[0] == n or a.shape[0] % n):
-            return 0
-        known = mb.row_outputs.get(id(a))
-        if known is not None and known[0]() is a:
-            return known[1]
-        return a.shape[0] // n if _reshaped_from_samples(a, n) else 0
-
     def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, kwargs: dict, out: Any,
                 recomputed: bool = False) -> Tensor | None:
         whole = out
@@ -366,44 +314,19 @@ class ModuleCapture:
             out = out[0]  # (output, extras): nn.MultiheadAttention returns (attention output, weights)
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
             return None
-        replaced = None
-        rows = 0
-        n = self._shared_input(mb, module, args, kwargs, out) if whole is out else None
-        if n is not None:
-            bd = self.batch_dims.get(module, 0)
-            size = list(out.shape)
-            size[bd] = n
-            out = replaced = out.expand(size)  # the same values; the gradient now arrives per sample
-            first = args[0].expand([n if d == bd else s for d, s in enumerate(args[0].shape)])
-            args = (first, *args[1:])
-        else:
-            rows = self._flattened_rows(mb, module, args[0])
-            if rows:
-                flat = args[0].shape[0]
-                if out.dim() and out.shape[0] == flat:  # a row-wise module's output: the same rows
-                    mb.row_outputs[id(out)] = (weakref.ref(out), rows)
-                args = tuple(t.reshape(mb.n, rows, *t.shape[1:])
-                             if isinstance(t, Tensor) and t.dim() and t.shape[0] == flat else t for t in args)
+        args, out, replaced, rows = self._align(mb, module, args, kwargs, out, whole is out)
         detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        first = detached[0]
-        if not first.is_floating_point() and not first.is_contiguous():
-            first = first.contiguous()  # indices (BERT's token types are an expanded buffer): small, searched
-        call = Call(first, sampler_meta(module), recomputed=recomputed, args=detached, kwargs=dict(kwargs),
-                    out=out.detach() if self._keep_output(module) else None, rows=rows, expanded=n is not None)
-        call.live = weakref.ref(out)
-        if rows and call.out is not None:
-            call.out = call.out.reshape(mb.n, rows, *call.out.shape[1:])
+        kept = (out if not rows else out.reshape(mb.n, rows, *out.shape[1:])).detach()
+        call = Call(detached[0], sampler_meta(module), recomputed=recomputed, args=detached, kwargs=dict(kwargs),
+                    out=kept if self._keep_output(module) else None, rows=rows, live=weakref.ref(out))
         mb.calls.setdefault(module, []).append(call)
 
         on_delta = self._on_delta
 
         def on_grad(g: Tensor) -> None:
-            if call.downstream:  # the batch's sum of what broadcast_output's hook already saw per sample
-                return
             mb.backward_seen = True
             mb.tasks.add(_graph_task())
-            if rows:
-                g = g.reshape(-1, rows, *g.shape[1:])
+            g = g.reshape(-1, rows, *g.shape[1:]) if rows else g
             if call.grads is not None or call.twice:  # its input is gone: this gradient cannot be added
                 call.grads, call.twice = None, True
                 return
@@ -418,50 +341,10 @@ class ModuleCapture:
             # on a view re-bases its history and drops tensor hooks registered on it, so listen on
             # the node that produced the base instead: it still runs, with the same gradient.
             shape = out.shape
-            base.grad_fn.register_hook(lambda grad_inputs, grad_outputs: on_grad(grad_outputs[0].reshape(shape)))
+            call.unhook = base.grad_fn.register_hook(lambda grad_in, grad_out: on_grad(grad_out[0].reshape(shape)))
         else:
-            out.register_hook(on_grad)
+            call.unhook = out.register_hook(on_grad)
         return replaced
-
-    def broadcast_output(self, module: nn.Module, used: Tensor, pullback: Callable[[Tensor], Tensor]) -> Tensor:
-        """For a recorded module whose output the model turns into ``used``, a batch of one (size 1
-        in dimension 0) that it broadcasts into per-sample tensors (T5's relative attention bias,
-        permuted to (1, heads, q, k) and added to every layer's scores): returns ``used`` expanded
-        to the batch's n samples (the same values), and takes the module's per-sample output
-        gradient from the gradient that view receives, ``pullback`` mapping (n, *used.shape[1:])
-        to (n, *output.shape). The module's inputs are then the same for every sample. Returns
-        ``used`` itself where nothing is captured (reuse steps), the call is not recorded, or
-        ``pullback`` does not take ``used`` back to the module's output (checked on the values:
-        ``used`` must be a permutation or reshape of it, whose pullback is its inverse)."""
-        mb = self.current
-        if (mb is None or not mb.capture or self._recomputing or mb.n is None or mb.n <= 1 or used.dim() == 0
-                or used.shape[0] != 1 or not used.requires_grad):
-            return used
-        calls = mb.calls.get(module)
-        if not calls or calls[-1].expanded or calls[-1].rows or calls[-1].delta is not None:
-            return used
-        call, n = calls[-1], mb.n
-        source = call.live() if call.live is not None else None
-        with torch.no_grad():  # pullback must undo the model's permutation / reshape of the output
-            back = pullback(used.detach())
-        if source is None or back.shape[1:] != source.shape or not torch.equal(back[0], source.detach()):
-            return used
-        call.a = call.a.unsqueeze(0).expand(n, *call.a.shape).contiguous()
-        call.args = (call.a, *call.args[1:])
-        call.downstream = call.expanded = True
-        on_delta = self._on_delta
-
-        def on_grad(g: Tensor) -> None:
-            mb.backward_seen = True
-            mb.tasks.add(_graph_task())
-            d = pullback(g)
-            call.delta = d if call.delta is None else call.delta + d
-            if on_delta is not None:
-                on_delta(module, call, mb)
-
-        expanded = used.expand(n, *used.shape[1:])
-        expanded.register_hook(on_grad)
-        return expanded
 
     def _hook_root(self, mb: MicroBatch, module: nn.Module, out: Any) -> None:
         """Hooks on the root's outputs: they tell which backward runs this batch, and rescale the
@@ -505,55 +388,6 @@ class ModuleCapture:
         gone = [mb for mb in self.pending if mb.backward_seen]
         self.pending = [mb for mb in self.pending if not mb.backward_seen]
         return gone
-
-
-# keyword inputs that carry the batch, in order of preference, for models called with keywords only
-BATCH_KEYWORDS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "input_features",
-                  "decoder_input_ids")
-
-
-def _call_kwargs(module: nn.Module) -> dict:
-    """The keyword arguments of the call of ``module`` whose forward pre-hooks are running: torch
-    hands a global forward pre-hook the positional ones only, so they are read from the frame of
-    torch's ``Module._call_impl`` that runs the hooks. {} where that frame is not found."""
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            break
-        if frame.f_code.co_name in ("inner", "_call_impl", "_wrapped_call_impl"):
-            loc = frame.f_locals
-            if loc.get("self") is module and isinstance(loc.get("kwargs"), dict):
-                return loc["kwargs"]
-        frame = frame.f_back
-    return {}
-
-
-def _batch_of(kwargs: dict, bd: int) -> int | None:
-    """The batch size of a keyword-only call: its first batch-carrying keyword input (BATCH_KEYWORDS),
-    else its first tensor with a batch dimension."""
-    named = [kwargs.get(k) for k in BATCH_KEYWORDS]
-    for t in [*named, *kwargs.values()]:
-        if isinstance(t, Tensor) and t.dim() > bd:
-            return t.shape[bd]
-    return None
-
-
-_VIEW_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
-
-
-def _reshaped_from_samples(t: Tensor, n: int) -> bool:
-    """Whether ``t`` is a reshape of a tensor shaped (n, d1, ..., dk, ...) whose leading dimensions
-    (n, d1, ..., dk) were merged into t's first (row-major: sample i's rows are contiguous). Read from
-    the reshape's autograd node, or, without autograd, from the tensor ``t`` is a view of."""
-    node = t.grad_fn
-    sizes = None
-    if node is not None and type(node).__name__ in _VIEW_NODES:
-        sizes = tuple(int(s) for s in getattr(node, "_saved_self_sym_sizes", ()))
-    elif node is None and t._is_view() and t._base is not None and t._base.numel() == t.numel():
-        sizes = tuple(t._base.shape)
-    if not sizes or sizes[0] != n:
-        return False
-    return any(math.prod(sizes[:j]) == t.shape[0] for j in range(2, len(sizes) + 1))
 
 
 def _tensors(out: Any) -> list[Tensor]:

@@ -43,7 +43,7 @@ def prepare(opt: CaptureOptimizer, model: nn.Module, exact: bool = True) -> dict
 
     ``exact=True``: each attention module's ``compute_bias`` hands the model its (1, heads, q, k)
     bias expanded to the batch (the same values), so the table's per-sample gradients are read from
-    the gradient of that bias (ModuleCapture.broadcast_output, which checks that the bias is the
+    the gradient of that bias (SampleAlignment.broadcast_output in broadcast.py, which checks that the bias is the
     table's output permuted; where it is not, the table is counted as 'sample_mismatch').
     ``exact=False`` (or no ``compute_bias``): the tables are declared shared, plain gradient in
     collect steps, counted as 'broadcast'."""
