@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py fngd-plugin.pth $(CONSTRAINTS) Makefile
 	$(PIPC) torch torchvision
 	$(PIPC) cython wheel numpy
 	$(PIPC) --no-build-isolation fairseq-fixed
-	$(PIPC) -e '.[timm,fairseq,sweep,analysis,lightning,dev]'
+	$(PIPC) -e '.[timm,fairseq,sweep,analysis,lightning,hf,dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

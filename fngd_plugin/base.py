@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .broadcast import call_samples, misaligned
 from .capture import Call, MicroBatch, ModuleCapture
 from .coverage import Coverage
 from .distributed import all_reduce_mean
@@ -85,6 +86,8 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
         # host-side counts (no device sync): steps by cause that were not preconditioned, and
         # finished batches the host threw away with zero_grad() before any step (skipped updates)
         self.unpreconditioned: Counter[str] = Counter()
+        self.unpreconditioned_modules: dict[str, set[str]] = {}  # cause -> the modules it hit, by name
+        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self.discarded_batches = 0
         self._engaged = False
         self.coverage = self._coverage_report()
@@ -124,10 +127,20 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
     def _note_step(self, taken: list[MicroBatch], cause: str | None) -> None:
         """Subclasses count steps by phase here (``self._engaged``: _precondition used its batches)."""
 
-    def set_batch_dim(self, module: nn.Module, dim: int) -> None:
-        """Declare that ``module``'s inputs and outputs carry the sample dimension at ``dim``."""
+    def set_batch_dim(self, module: nn.Module, dim: int | None) -> None:
+        """Declare that ``module``'s inputs and outputs (and its submodules') carry the sample
+        dimension at ``dim``; ``None``: they carry none (an input shared by the whole batch, such
+        as relative-position buckets): such modules get the plain gradient, counted under
+        'broadcast' in stats()['unpreconditioned']."""
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+            raise ValueError(f"set_batch_dim: dim must be an int >= 0 or None (no sample dimension), got {dim!r}")
         for m in module.modules():
-            self._capture.batch_dims[m] = dim
+            if dim is None:
+                self._capture.shared.add(m)
+                self._capture.batch_dims.pop(m, None)
+            else:
+                self._capture.shared.discard(m)
+                self._capture.batch_dims[m] = dim
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # a forward still waiting for its backward stays (zero_grad between forward and backward,
@@ -141,7 +154,11 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
         self._counters[key] = c.to(value.device) + value.to(torch.float64)
 
     def _reps(self, mb: MicroBatch) -> dict[nn.Module, PerSampleGrads]:
+        """Per-sample gradients of each recorded module of one micro-batch. Modules whose calls do
+        not carry the batch's samples (shared inputs, untraceable leading dimensions) are counted
+        by cause and left to the plain gradient, never an error."""
         reps: dict[nn.Module, PerSampleGrads] = {}
+        todo: list[tuple[nn.Module, list[Call]]] = []
         for module, calls in mb.calls.items():
             if not self._coverable(module):
                 continue
@@ -166,18 +183,27 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
             calls = seen
             if not calls:
                 continue
+            if module in self._capture.shared:
+                self._unengaged("broadcast", module=module)
+                continue
+            todo.append((module, calls))
+        off = misaligned(mb.n, {m: [self._call_samples(m, c) for c in calls] for m, calls in todo})
+        for module, calls in todo:
+            if module in off:
+                self._unengaged(*off[module], module=module)
+                continue
             bd = self._capture.batch_dims.get(module, 0)
             parts = self._module_grads(module, calls, bd)
             if parts is None:
                 continue
             reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
             reps[module].label = type(module).__name__
-        sizes = {r.n for r in reps.values()}
-        if len(sizes) > 1:
-            detail = ", ".join(f"{type(m).__name__}: {r.n}" for m, r in reps.items())
-            raise ValueError(f"FNGD: modules disagree on the number of samples ({detail}); declare the sample "
-                             "dimension of time-first modules with opt.set_batch_dim(module, dim)")
         return reps
+
+    def _call_samples(self, module: nn.Module, call: Call) -> int | None:
+        bd = self._capture.batch_dims.get(module, 0)
+        generic = self._route(module) == "generic" and call.grads is None
+        return call_samples(call, batch_dim_of(module, bd) if generic else bd, generic)
 
     # ------------------------------------------------------------------ compaction during the backward
     def _compacts(self) -> bool:
@@ -189,7 +215,8 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
         per-sample gradients are smaller than its input and output gradient (a norm layer's, always;
         an early convolution's with many positions), compute them now and drop those two tensors,
         instead of holding every layer's until the step. Same numbers, less peak memory."""
-        if call.recomputed or call.delta is None or len(mb.calls.get(module, ())) != 1:
+        if (call.recomputed or call.delta is None or len(mb.calls.get(module, ())) != 1
+                or module in self._capture.shared):
             return
         if self._route(module) != "sampler" or not self._coverable(module):
             return
@@ -255,7 +282,7 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
                 return None
             bd = batch_dim_of(module, bd)
             try:
-                return [generic_grads(module, c.args, c.kwargs, c.delta, bd) for c in calls]
+                return [generic_grads(module, c.args, c.kwargs, c.delta, bd, rows=bool(c.rows)) for c in calls]
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # not vmap-able (in-place ops on batched tensors, e.g. nn.GRU)

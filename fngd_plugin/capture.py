@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .broadcast import SampleAlignment
 from .samplers import sampler_meta
 
 MAX_PENDING = 64
@@ -68,6 +69,9 @@ class Call:
     # are smaller than the input and output gradient they replace: those are then dropped
     grads: Any = None
     twice: bool = False  # a second output gradient arrived after the first was compacted away
+    rows: int = 0  # its input was n*rows flattened rows, recorded as (n, rows, ...) (broadcast.py)
+    unhook: Any = None  # removes the output-gradient hook (broadcast_output takes them from downstream)
+    live: Any = None  # a weak reference to the output the model received
 
 
 @dataclass
@@ -91,6 +95,7 @@ class MicroBatch:
     # how many of them were recorded when recomputed
     nograd_calls: Counter = field(default_factory=Counter)
     recomputed: Counter = field(default_factory=Counter)
+    row_outputs: dict[int, tuple[Any, int]] = field(default_factory=dict)  # flattened rows' outputs (broadcast.py)
     # a batch whose gradient the host discards (see FNGD.ignore_next_batch): captured only so that
     # this worker joins the step's collectives, with a zero contribution
     dummy: bool = False
@@ -141,8 +146,9 @@ def live_modules(kind: type = nn.Module, params: Iterable[Tensor] | None = None)
     return [m for m in found if any(id(p) in ids for p in m.parameters())]
 
 
-class ModuleCapture:
-    """Global-hook capture filtered by parameter identity (see module docstring)."""
+class ModuleCapture(SampleAlignment):
+    """Global-hook capture filtered by parameter identity (see module docstring); calls whose inputs
+    do not carry the batch the usual way are aligned with its samples by SampleAlignment (broadcast.py)."""
 
     def __init__(
         self,
@@ -162,6 +168,7 @@ class ModuleCapture:
         self._owned: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, Tensor]]] = weakref.WeakKeyDictionary()
         self._witness: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
         self.batch_dims: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self.shared: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # declared: no sample dimension
         self.pending: list[MicroBatch] = []
         self.current: MicroBatch | None = None
         self._depth = 0
@@ -184,7 +191,7 @@ class ModuleCapture:
             cap = ref()
             if cap is not None:
                 kwargs, out = rest if len(rest) == 2 else ({}, rest[0])
-                cap._post(module, args, kwargs, out)
+                return cap._post(module, args, kwargs, out)
 
         _remove_all([])  # hooks of collected captures deferred by a compile: gone now
         self._handles = [
@@ -249,9 +256,7 @@ class ModuleCapture:
                 self.current = self._start_batch(module, args)
                 if self.current is not None:
                     self.roots.add(module)
-                    bd = self.batch_dims.get(module, 0)
-                    if args and isinstance(args[0], Tensor) and args[0].dim() > bd:
-                        self.current.n = args[0].shape[bd]
+                    self.current.n = self._root_samples(module, args)
                     if len(self.pending) >= MAX_PENDING:  # forwards without step()/zero_grad(): do not hoard
                         del self.pending[0]
                         if not self.dropped:
@@ -280,34 +285,40 @@ class ModuleCapture:
                 return mb
         return None
 
-    def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        """The forward hook; returns a replacement output (broadcast.py) or None."""
         if torch.compiler.is_compiling() or not self._active() or not self._contains(module):
-            return
+            return None
         if self._stances and self._stances[-1][0] is module:
             self._stances.pop()[1].__exit__(None, None, None)
         mb = self.current
+        replaced = None
         if mb is not None and mb.capture and self._records(module):
             if not self._recomputing:
-                self._record(mb, module, args, kwargs, out)
+                replaced = self._record(mb, module, args, kwargs, out)
             elif mb.nograd_calls[module] > mb.recomputed[module]:
                 mb.recomputed[module] += 1
-                self._record(mb, module, args, kwargs, out, recomputed=True)
+                replaced = self._record(mb, module, args, kwargs, out, recomputed=True)
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0 and mb is not None:
             if not self._recomputing:
-                self._hook_root(mb, module, out)
+                self._hook_root(mb, module, out if replaced is None else replaced)
             self.current = None
             self._recomputing = False
+        return replaced
 
     def _record(self, mb: MicroBatch, module: nn.Module, args: tuple, kwargs: dict, out: Any,
-                recomputed: bool = False) -> None:
+                recomputed: bool = False) -> Tensor | None:
+        whole = out
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
             out = out[0]  # (output, extras): nn.MultiheadAttention returns (attention output, weights)
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
-            return
+            return None
+        args, out, replaced, rows = self._align(mb, module, args, kwargs, out, whole is out)
         detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        kept = (out if not rows else out.reshape(mb.n, rows, *out.shape[1:])).detach()
         call = Call(detached[0], sampler_meta(module), recomputed=recomputed, args=detached, kwargs=dict(kwargs),
-                    out=out.detach() if self._keep_output(module) else None)
+                    out=kept if self._keep_output(module) else None, rows=rows, live=weakref.ref(out))
         mb.calls.setdefault(module, []).append(call)
 
         on_delta = self._on_delta
@@ -315,6 +326,7 @@ class ModuleCapture:
         def on_grad(g: Tensor) -> None:
             mb.backward_seen = True
             mb.tasks.add(_graph_task())
+            g = g.reshape(-1, rows, *g.shape[1:]) if rows else g
             if call.grads is not None or call.twice:  # its input is gone: this gradient cannot be added
                 call.grads, call.twice = None, True
                 return
@@ -329,9 +341,10 @@ class ModuleCapture:
             # on a view re-bases its history and drops tensor hooks registered on it, so listen on
             # the node that produced the base instead: it still runs, with the same gradient.
             shape = out.shape
-            base.grad_fn.register_hook(lambda grad_inputs, grad_outputs: on_grad(grad_outputs[0].reshape(shape)))
+            call.unhook = base.grad_fn.register_hook(lambda grad_in, grad_out: on_grad(grad_out[0].reshape(shape)))
         else:
-            out.register_hook(on_grad)
+            call.unhook = out.register_hook(on_grad)
+        return replaced
 
     def _hook_root(self, mb: MicroBatch, module: nn.Module, out: Any) -> None:
         """Hooks on the root's outputs: they tell which backward runs this batch, and rescale the

@@ -55,6 +55,16 @@ CAUSES = {
                   "non-finite factors, or it first received a gradient after the last inverse update), so its "
                   "gradient was used unpreconditioned in this step, until an inverse update succeeds. A larger "
                   "damping or inverse='eigen' avoids the first; a smaller inv_update_steps shortens the second.",
+    "broadcast": "a module's input carries no sample dimension (declared with opt.set_batch_dim(module, None), "
+                 "or a batch of one whose output could not be handed on per sample), so the whole batch shares it "
+                 "and its per-sample gradients cannot be read from its output: its parameters got the plain "
+                 "gradient. This is expected for tables indexed by positions alone (T5's relative attention bias); "
+                 "it is exact in reuse steps with coefficients='network'.",
+    "sample_mismatch": "a module's input has a leading dimension that is neither the batch's number of samples nor "
+                       "a reshape of (samples, rows) that FNGD could trace, so its rows cannot be attributed to "
+                       "samples: its parameters got the plain gradient. If its input is shared by the whole batch "
+                       "(e.g. relative-position buckets), declare it with opt.set_batch_dim(module, None); if its "
+                       "samples lie along another dimension, declare that one with opt.set_batch_dim(module, dim).",
     "root_mismatch": "a reuse step found no output tensor of the model whose batch size matches the stored "
                      "coefficients, so its gradient was not reweighted (plain gradient). Is the batch dimension of "
                      "the model's output not 0? Declare it with opt.set_batch_dim(model, dim).",
@@ -72,6 +82,8 @@ class Coverage:
     _top_ids: set[int]
     _warned: set[str]
     unpreconditioned: Counter[str]
+    unpreconditioned_modules: dict[str, set[str]]
+    _names: weakref.WeakKeyDictionary[nn.Module, str]
     coverage: dict
 
     def attach(self, model: nn.Module) -> dict:
@@ -80,10 +92,26 @@ class Coverage:
         logger.info(self.coverage["line"])
         return self.coverage
 
-    def _unengaged(self, cause: str, detail: str = "") -> None:
+    def _unengaged(self, cause: str, detail: str = "", module: nn.Module | None = None) -> None:
+        """Count one step (or one module of it, named in stats()['unpreconditioned_modules']) that
+        could not be preconditioned; warned once per cause, or per cause and module."""
         self.unpreconditioned[cause] += 1
-        self._warn_once(f"cause-{cause}", f"{type(self).__name__}: {CAUSES[cause]}{detail} (counted in "
+        key, head = f"cause-{cause}", ""
+        if module is not None:
+            name = self._module_name(module)
+            self.unpreconditioned_modules.setdefault(cause, set()).add(name)
+            key += f"-{name}"
+            head, detail = f"module {name}{detail}: ", ""
+        self._warn_once(key, f"{type(self).__name__}: {head}{CAUSES[cause]}{detail} (counted in "
                         f"stats()['unpreconditioned']['{cause}']; this warning is shown once)")
+
+    def _module_name(self, module: nn.Module) -> str:
+        """``module``'s qualified name in the model that ran it ("Type 'name'"), else its type."""
+        if module not in self._names:
+            for root in list(self._capture.roots):
+                for name, m in root.named_modules():
+                    self._names.setdefault(m, f"{type(m).__name__} '{name}'")
+        return self._names.get(module, type(module).__name__)
 
     def _info_once(self, key: str, msg: str) -> None:
         if key not in self._warned:

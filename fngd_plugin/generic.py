@@ -63,8 +63,11 @@ def _first_tensor(out: Any) -> Tensor:
     raise TypeError(f"output of type {type(out).__name__} has no leading tensor")
 
 
-def generic_grads(module: nn.Module, args: tuple, kwargs: dict, delta: Tensor, batch_dim: int) -> DenseGrads:
-    """Per-sample gradients of ``module``'s own trainable parameters for one recorded call."""
+def generic_grads(module: nn.Module, args: tuple, kwargs: dict, delta: Tensor, batch_dim: int,
+                  rows: bool = False) -> DenseGrads:
+    """Per-sample gradients of ``module``'s own trainable parameters for one recorded call.
+    ``rows``: the call's input was a flattened batch (n k rows, recorded as (n, k, ...)): each
+    sample's k rows are handed to the module as they were, rows first, not as a batch of one."""
     params = own_params(module)
     n = delta.shape[batch_dim]
     dt = compute_dtype(delta.dtype)
@@ -75,6 +78,8 @@ def generic_grads(module: nn.Module, args: tuple, kwargs: dict, delta: Tensor, b
 
     def one(x_args: tuple, d: Tensor) -> tuple[Tensor, ...]:
         def f(p: dict[str, Tensor]) -> Tensor:
+            if rows:
+                return _first_tensor(functional_call(module, p, x_args, kwargs))
             xs = tuple(x.unsqueeze(batch_dim) if b else x for x, b in zip(x_args, batched))
             return _first_tensor(functional_call(module, p, xs, kwargs)).squeeze(batch_dim)
 

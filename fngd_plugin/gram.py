@@ -139,7 +139,8 @@ def shared_table_gram(reps: list[PerSampleGrads], sketch: tuple[int, int] | None
     ``sketch``, "sketch" sketches the table's whole per-sample gradient (embeddings and projection
     with the same S_V, S_d: cross terms included, unbiased) where that is cheaper still."""
     embs = [r for r in reps if isinstance(r, EmbeddingGrads)]
-    lins = [r for r in reps if isinstance(r, FactoredGrads)]
+    # a transposed weight (transformers' Conv1D) tied to a table is left to the dense route
+    lins = [r for r in reps if isinstance(r, FactoredGrads) and not getattr(r, "transposed", False)]
     if not embs or len(embs) + len(lins) != len(reps) or len(lins) > 1:
         return None
     table = embs[0].weight

@@ -1,6 +1,7 @@
 """KFAC baseline on FNGD's capture machinery (Martens & Grosse 2015; convolutions: Grosse & Martens 2016).
 
-Per covered layer (nn.Linear, nn.Conv2d with groups=1) with inputs a (bias column appended) and
+Per covered layer (nn.Linear, nn.Conv2d with groups=1, transformers' Conv1D: a Linear whose
+weight is stored transposed) with inputs a (bias column appended) and
 per-sample output gradients delta, over n samples and T tokens / spatial positions each:
 
     A = (1/(nT)) sum_{i,t} a_it a_it^T          G = (1/n) sum_{i,t} delta_it delta_it^T
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from .base import CaptureOptimizer
 from .capture import MicroBatch
+from .hf_samplers import is_conv1d
 from .options import check_choice, check_number, check_sgd_args
 from .samplers import ConvGrads, unsupported_reason
 
@@ -149,12 +151,12 @@ class KFAC(CaptureOptimizer):
         self._layers: dict[int, tuple[Tensor, Tensor | None]] = {}  # weight index -> (weight, bias)
 
     def _unsupported(self, module: nn.Module) -> str | None:
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            return f"KFAC covers Linear and Conv2d, not {type(module).__name__}"
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_conv1d(module):
+            return f"KFAC covers Linear and Conv2d (and transformers' Conv1D), not {type(module).__name__}"
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return "grouped convolution"
         if self.max_factor_dim is not None:
-            w = module.weight
+            w = module.weight.T if is_conv1d(module) else module.weight
             dims = (w[0].numel() + (module.bias is not None), w.shape[0])
             if max(dims) > self.max_factor_dim:
                 return f"factor dimension {max(dims)} > max_factor_dim={self.max_factor_dim}"
@@ -167,7 +169,9 @@ class KFAC(CaptureOptimizer):
     def stats(self) -> dict:
         c = {k: int(v) for k, v in self._counters.items()}
         return {"steps": self._steps, "layers": len(self._layers), **c,
-                "unpreconditioned": dict(self.unpreconditioned), "discarded_batches": self.discarded_batches}
+                "unpreconditioned": dict(self.unpreconditioned),
+                "unpreconditioned_modules": {k: sorted(v) for k, v in self.unpreconditioned_modules.items()},
+                "discarded_batches": self.discarded_batches}
 
     def epoch_line(self) -> str:
         """What KFAC did since the last epoch line: steps, factor and inverse updates with their
@@ -237,6 +241,7 @@ class KFAC(CaptureOptimizer):
         ns = [next(iter(b.values()))[0].n for b in per_mb]
         N = sum(ns)
         d = self.factor_decay
+        transposed: set[int] = set()
         fresh: dict[int, list] = {}  # weight index -> [A, raw G statistic, weight of A_batch], not committed
         for blocks in per_mb:
             for reps in blocks.values():
@@ -247,6 +252,8 @@ class KFAC(CaptureOptimizer):
                     alpha = float(rep.n) / (N * Af.shape[0])
                     key = self._index[id(weight)]
                     self._layers[key] = (weight, bias)
+                    if getattr(rep, "transposed", False):
+                        transposed.add(key)
                     # channels-last patches: the p x p statistic is put back in the weight's order
                     S = None if back is None else torch.mm(Af.T, Af)[back[:, None], back[None, :]]
                     if key in fresh:  # a later micro-batch of this step: add its statistics
@@ -289,6 +296,8 @@ class KFAC(CaptureOptimizer):
                     st["kfac_G"] = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
             if bias is not None:
                 self.state[bias]["kfac_bias_of"] = key
+            if key in transposed:
+                st["kfac_transposed"] = True  # weight stored (in, out): preconditioned as its transpose
         self._add("factor_updates", torch.ones((), dtype=torch.float64))
 
     # ------------------------------------------------------------------ inverses
@@ -326,7 +335,7 @@ class KFAC(CaptureOptimizer):
     # ------------------------------------------------------------------ preconditioning
     def _apply_inverses(self) -> None:
         vg_sum = None
-        done: list[tuple[Tensor, Tensor | None, Tensor, float]] = []
+        done: list[tuple[Tensor, Tensor | None, Tensor, float, bool]] = []
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         missing = 0
         for weight, bias in self._layers.values():
@@ -336,7 +345,8 @@ class KFAC(CaptureOptimizer):
             if "kfac_QA" not in st and "kfac_Ainv" not in st:
                 missing += 1  # no inverse yet: plain gradient, counted below (CAUSES['no_inverse'])
                 continue
-            V = weight.grad.reshape(weight.shape[0], -1)
+            flip = st.get("kfac_transposed", False)
+            V = weight.grad.T if flip else weight.grad.reshape(weight.shape[0], -1)
             if bias is not None:
                 if bias.grad is None:
                     continue
@@ -351,7 +361,7 @@ class KFAC(CaptureOptimizer):
             lr = lr_of[id(weight)]
             term = (P * V).sum() * lr**2
             vg_sum = term if vg_sum is None else vg_sum + term
-            done.append((weight, bias, P, lr))
+            done.append((weight, bias, P, lr, flip))
         if missing:
             self._unengaged("no_inverse", f" ({missing} layers)")
         if not done:
@@ -359,11 +369,10 @@ class KFAC(CaptureOptimizer):
         nu = None
         if self.kl_clip is not None and vg_sum is not None:
             nu = torch.sqrt(self.kl_clip / vg_sum.abs().clamp_min(1e-30)).clamp(max=1.0)
-        for weight, bias, P, _ in done:
+        for weight, bias, P, _, flip in done:
             if nu is not None:
                 P = P * nu
+            W = P[:, :-1] if bias is not None else P
+            weight.grad.copy_((W.T if flip else W).reshape(weight.shape))
             if bias is not None:
-                weight.grad.copy_(P[:, :-1].reshape(weight.shape))
                 bias.grad.copy_(P[:, -1].reshape(bias.shape))
-            else:
-                weight.grad.copy_(P.reshape(weight.shape))

@@ -102,6 +102,7 @@ class Progress:
             "root_mismatches": self._capture.root_mismatch,
             "steps": {k: self.step_counts[k] for k in ("collect", "collect_solved", "reuse", "reuse_weighted")},
             "unpreconditioned": dict(self.unpreconditioned),
+            "unpreconditioned_modules": {k: sorted(v) for k, v in self.unpreconditioned_modules.items()},
             "discarded_batches": self.discarded_batches,
         }
 

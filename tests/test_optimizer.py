@@ -327,10 +327,14 @@ def test_time_first_layout_mismatch_is_named():
     opt = FNGD(model.parameters(), lr=0.1, reuse="off")
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match="set_batch_dim"):
+    # never an exception for a model that trains with SGD: the module is named, counted, plain gradient
+    with pytest.warns(RuntimeWarning, match=r"Linear 'inner'.*set_batch_dim\(module, dim\)"):
         opt.step()
+    assert opt.stats()["unpreconditioned"] == {"sample_mismatch": 1}
+    assert opt.stats()["unpreconditioned_modules"] == {"sample_mismatch": ["Linear 'inner'"]}
     opt.set_batch_dim(model.inner, 1)
     train(model, opt, [(x, y)])
+    assert opt.stats()["unpreconditioned"] == {"sample_mismatch": 1}  # declared: exact from then on
     assert torch.isfinite(snapshot(model)).all()
 
 

@@ -8,6 +8,7 @@ only when it keeps the parent's forward (subclass.py covers those that override 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -35,9 +36,31 @@ def register_sampler(*types: type, check: Callable[[nn.Module], str | None] | No
     return deco
 
 
+# Lazily registered samplers (layer types of optional libraries): class "module.qualname" -> the
+# fngd_plugin module whose register(cls) registers its sampler; imported the first time a module of
+# that class (or a subclass) is met, so the core imports without the library.
+_LAZY_SAMPLERS: dict[str, str] = {
+    "transformers.pytorch_utils.Conv1D": "fngd_plugin.hf_samplers",
+}
+_LAZY_CHECKED: set[type] = set()
+
+
+def _load_lazy(cls: type) -> None:
+    if cls in _LAZY_CHECKED:
+        return
+    _LAZY_CHECKED.add(cls)
+    for c in cls.__mro__:
+        target = _LAZY_SAMPLERS.pop(f"{c.__module__}.{c.__qualname__}", None)
+        if target is not None:
+            importlib.import_module(target).register(c)
+
+
 def _registered_base(module: nn.Module) -> type | None:
     """The registered class whose sampler covers this module as it is, or None."""
     cls = type(module)
+    if cls in _SAMPLERS:
+        return cls
+    _load_lazy(cls)
     if cls in _SAMPLERS:
         return cls
     # a subclass is covered only if it computes what its base computes (no forward override)
