@@ -29,6 +29,9 @@ Definitions (per task; a task has one validation metric and direction, ``mode``)
     where FNGD never did the upper bound TTT(X) / (FNGD's total time); the mean is then reported
     as "> m" (lower bounds only) or "< m" (upper bounds only). Seeds where neither reached, or
     bounds both ways, give "n/r" (not reached); missing times (host logs) give "n/a".
+  * plateau (``convergence``): for each best configuration, the seed-mean validation metric at the
+    last epoch E and at E - 3, and the relative gain between them (in the metric's direction);
+    "plateaued" when it is below 1% (PLATEAU_GAIN): the rule the epoch budgets are held to.
   * epoch cost: median ``epoch_time`` of the best configurations' epochs by optimizer and FNGD
     phase (collect | reuse; "all" for optimizers without phases), step time = epoch_time / steps
     of the epoch, and both relative to the median of the optimizer named "sgd".
@@ -44,6 +47,7 @@ import pandas as pd
 FNGD, REFERENCE = "fngd", "sgd"
 ORDER = ["fngd", "fngd:adamw", "kfac", "sgd", "adamw"]
 BASELINE = "adamw"
+PLATEAU_GAIN, PLATEAU_EPOCHS = 0.01, 3
 DEFAULT_FACTOR = {"max": 0.98, "min": 1.02}
 LOOSE_FACTOR = {"max": 0.95, "min": 1.05}
 
@@ -279,6 +283,25 @@ def speedups_by_target(df: pd.DataFrame, named: pd.DataFrame) -> pd.DataFrame:
                                        "bound", "fngd_reached", "over_reached"])
 
 
+def convergence(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per task and optimizer (best configuration): did its seed-mean curve plateau by the last epoch?"""
+    rows = []
+    best = df[df["source"].isin(runs.loc[runs["best"], "source"])]
+    for (task, opt), d in best.groupby(["task", "optimizer"]):
+        curve = d.groupby("epoch")["val_metric"].mean().dropna()
+        if curve.empty:
+            continue
+        last = int(curve.index.max())
+        sign = 1.0 if d["mode"].iloc[0] == "max" else -1.0
+        before = curve.get(last - PLATEAU_EPOCHS, math.nan)
+        gain = sign * (curve[last] - before) / abs(before) if before else math.nan
+        rows.append({"task": task, "optimizer": opt, "epochs": last, "at_last": float(curve[last]),
+                     "before": float(before), "gain": gain, "peak": float(curve.max() if sign > 0 else curve.min()),
+                     "plateaued": bool(gain < PLATEAU_GAIN) if not math.isnan(gain) else False})
+    return sort_optimizers(pd.DataFrame(rows, columns=["task", "optimizer", "epochs", "at_last", "before", "gain",
+                                                       "peak", "plateaued"]), ["task", "optimizer"])
+
+
 def build_tables(df: pd.DataFrame, targets: dict[str, float] | None = None) -> dict[str, pd.DataFrame]:
     """All tables: targets, runs, headline, speedups, speedup_seeds, speedups_by_target, final,
     epoch_cost, ablation.
@@ -297,4 +320,4 @@ def build_tables(df: pd.DataFrame, targets: dict[str, float] | None = None) -> d
     named = reachable_targets(df, runs, chosen)
     return {"targets": target_table, "runs": runs, "headline": headline(runs, speed), "speedups": speed,
             "speedup_seeds": seeds, "speedups_by_target": speedups_by_target(df, named), "final": final_table(runs),
-            "epoch_cost": epoch_cost(df, runs), "ablation": ablation(df, runs)}
+            "epoch_cost": epoch_cost(df, runs), "ablation": ablation(df, runs), "convergence": convergence(df, runs)}

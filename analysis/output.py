@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
-from .compare import build_tables
+from .compare import PLATEAU_EPOCHS, build_tables
 from .load import load
 
 SPEEDUP_NOTE = ("FNGD speedup = TTT(optimizer) / TTT(FNGD), per seed (equal seeds paired), then mean ± std over "
@@ -98,6 +98,11 @@ def shown(name: str, t: pd.DataFrame) -> pd.DataFrame:
                          "over": r["over"], "unit": r["unit"], "seeds": r["seeds"],
                          "speedup": _speed(r["speedup"], r["std"], r["bound"]),
                          "reached (FNGD / other)": f"{r['fngd_reached']} / {r['over_reached']}"})
+        elif name == "convergence":
+            rows.append({"task": r["task"], "optimizer": r["optimizer"], "epochs": r["epochs"],
+                         f"seed-mean at epoch E-{PLATEAU_EPOCHS}": _num(r["before"]),
+                         "at the last epoch E": _num(r["at_last"]), "relative gain": f"{100 * r['gain']:.2f}%",
+                         "peak": _num(r["peak"]), "plateaued (< 1%)": "yes" if r["plateaued"] else "no"})
         elif name == "speedup_seeds":
             rows.append({"task": r["task"], "over": r["optimizer"], "unit": r["unit"], "seed": _num(r["seed"]),
                          "FNGD speedup": _speed(r["speedup"], math.nan, r["bound"])})
@@ -189,6 +194,10 @@ def report(paths: Iterable[str | Path], out: str | Path, targets: dict[str, floa
         md["speedups_by_target"],
         "Per seed:",
         md["speedup_seeds"],
+        "## Convergence",
+        f"Seed-mean validation metric of each best configuration at its last epoch E and at E-{PLATEAU_EPOCHS}; "
+        "plateaued = relative gain below 1%, the rule the epoch budgets are held to.",
+        md["convergence"],
         "## Cost per epoch and step",
         "Median over the epochs of the best configurations, by FNGD phase; relative to SGD's median.",
         md["epoch_cost"],

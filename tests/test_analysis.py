@@ -191,6 +191,27 @@ def test_targets_every_optimizer_reaches_give_speedups_matching_hand_computation
                 assert row["speedup"] == pytest.approx(statistics.mean(v for v, _ in pairs))
 
 
+def test_convergence_table_matches_hand_computation(loaded):
+    records = raw_records()
+    hand = by_hand(records)
+    table = fngd_analysis.build_tables(loaded)["convergence"].set_index("optimizer")
+    for opt, (hp, _) in hand["best"].items():
+        curve = defaultdict(list)
+        for r in records:
+            if key(r) == (opt, hp):
+                for e in r["epochs"]:
+                    curve[e["epoch"]].append(e["val_metric"])
+        mean = {e: sum(v) / len(v) for e, v in curve.items()}
+        last = max(mean)
+        row = table.loc[opt]
+        assert row["epochs"] == last and row["at_last"] == pytest.approx(mean[last])
+        if last - 3 in mean:
+            gain = (mean[last] - mean[last - 3]) / abs(mean[last - 3])
+            assert row["gain"] == pytest.approx(gain) and row["plateaued"] == (gain < 0.01)
+        else:
+            assert math.isnan(row["gain"]) and not row["plateaued"]
+
+
 def test_a_sweep_variant_is_its_own_optimizer(tmp_path):
     src = next(p for p in sorted(RUNS.glob("*/record.json")) if json.loads(p.read_text())["optimizer"] == "fngd")
     data = json.loads(src.read_text())
