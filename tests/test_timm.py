@@ -120,7 +120,7 @@ def loaders(root, batch=64, size=16, val="validation"):
     common = dict(input_size=(3, size, size), mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0, use_prefetcher=False,
                   device=torch.device("cpu"), persistent_workers=False)
     tl = create_loader(train, batch_size=batch, is_training=True, no_aug=True, **common)
-    vl = create_loader(val, batch_size=128, is_training=False, **common)
+    vl = create_loader(val, batch_size=128, is_training=False, crop_pct=1.0, **common)  # as timm_ext.train evaluates
     return tl, vl
 
 
