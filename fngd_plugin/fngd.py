@@ -371,11 +371,6 @@ class FNGD(Progress, CaptureOptimizer):
             self._solves_in_step += 1
         with torch.profiler.record_function(f"fngd.gram.{_label(reps)}"):
             K, dropped = block_gram(reps, keep=keep, dense_limit=self.dense_tied_limit, sketch=sketch)
-        import os as _os  # TEMP-DEBUG
-        if _os.environ.get("FNGD_DUMP"):  # TEMP-DEBUG
-            _d = getattr(self, "_dbg", []); self._dbg = _d  # TEMP-DEBUG
-            _d.append((self.step_counts["collect"], key, _label(reps), [type(r).__name__ for r in reps], K.detach().clone(), [(type(r).__name__, {k: v.detach().clone() for k, v in vars(r).items() if isinstance(v, torch.Tensor)}) for r in reps] if _os.environ.get("FNGD_DUMP_REPS") else None))  # TEMP-DEBUG
-            torch.save(_d, _os.environ["FNGD_DUMP"])  # TEMP-DEBUG
         if dropped:
             self._add("tied_approx", torch.ones((), dtype=torch.float64))
             self._warn_once("tied", "FNGD: a parameter shared between modules is too large for an exact Gram; "

@@ -22,6 +22,20 @@ def _same_token_pairs(flat: Tensor, Df: Tensor) -> Callable[[slice], Tensor]:
     return lambda rows: (Df[rows] @ Df.T).mul_(flat[rows, None] == flat[None, :])
 
 
+def _scatter_rows(out: Tensor, samples: Tensor, rows: Tensor, D: Tensor) -> Tensor:
+    """out[samples[i, t], rows[i, t]] += D[i, t] for (n, R, q) ``out``, in a reproducible order.
+    On the CPU, index_put_(accumulate=True) adds float32 with parallel atomics (torch's
+    cpu_atomic_add_value): under load the order of a row's repeated tokens changes from run to run,
+    and so do the last bits (a resumed run then differs from an uninterrupted one); CPU index_add_
+    adds the tokens one after another. On CUDA it is the other way round: index_add_ uses atomics,
+    index_put_(accumulate=True) sorts the indices first."""
+    if out.device.type != "cpu":
+        return out.index_put_((samples, rows), D, accumulate=True)
+    R, q = out.shape[1], out.shape[-1]
+    out.view(-1, q).index_add_(0, (samples * R + rows).reshape(-1), D.reshape(-1, q))
+    return out
+
+
 class EmbeddingGrads(PerSampleGrads):
     """g_i = sum_t onehot(x_it) D_it^T: rows of the table touched by sample i."""
 
@@ -50,7 +64,7 @@ class EmbeddingGrads(PerSampleGrads):
         G = self.D.new_zeros(n, idx.numel(), self.D.shape[-1])
         where = torch.searchsorted(idx, self.idx)
         samples = torch.arange(n, device=self.idx.device).unsqueeze(1).expand(n, T)
-        return G.index_put_((samples, where), self.D, accumulate=True)
+        return _scatter_rows(G, samples, where, self.D)
 
     def weighted(self, w: Tensor) -> list[Tensor]:
         q = self.D.shape[-1]
@@ -62,8 +76,7 @@ class EmbeddingGrads(PerSampleGrads):
         n, T = self.idx.shape
         out = self.D.new_zeros(n, *self.weight.shape)
         rows = torch.arange(n, device=self.idx.device).unsqueeze(1).expand(n, T)
-        out.index_put_((rows, self.idx), self.D, accumulate=True)
-        return [out]
+        return [_scatter_rows(out, rows, self.idx, self.D)]
 
     @classmethod
     def cat(cls, reps: Sequence[PerSampleGrads]) -> PerSampleGrads:
