@@ -6,10 +6,12 @@ submitit (one job array per resource request). Calling it again launches only ru
 were killed or never ran -- they resume from their own checkpoints; done runs are skipped and
 nothing is overwritten. Data a task needs is prepared first (the task's ``prepare`` command).
 
-A tuning sweep (a ``[tune]`` table, see fngd_slurm.tune) runs in two stages: the trials, then
-the chosen configuration of every optimizer at the other seeds; the result is written to
+A tuning sweep (a ``[tune]`` table, see fngd_slurm.tune) runs in stages: the trials, the edge
+rounds their results call for (in waves, as trials end), then the chosen configuration of every
+optimizer at every seed, at the task's full length; the result is written to
 ``<out>/<name>/tuning.json`` and ``tuning.md`` after each. On SLURM without ``--wait`` each call
-does what it can (submit the trials; once they are done, choose and submit the seeds).
+does what it can (submit the trials or the next round; once they are done, choose and submit the
+seeds).
 """
 
 from __future__ import annotations
