@@ -8,9 +8,11 @@ tuning ruleset, at the scale of one machine)::
     [tune]
     trials = 6                   # per optimizer (per NAME or NAME:VARIANT table), the same for all
     search_seed = 0              # which quasi-random points (0: the plain Halton sequence)
+    rounds = 2                   # edge rounds (next_round), at most, per optimizer
+    round_trials = 4             # trials in each
 
     [tasks.corpus.optimizers.fngd]
-    lr = { log = [0.03, 1.0] }   # a log-uniform axis
+    lr = { log = [0.03, 1.0], limit = [0.001, 10.0] }   # a log-uniform axis; edge rounds stop at limit
     damping = { log = [0.1, 10.0] }
     normalize = ["sum", "none"]  # a list is a choice axis (not a grid, in a tuning sweep)
     momentum = 0.9               # a value is fixed
