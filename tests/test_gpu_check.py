@@ -27,8 +27,10 @@ def test_without_cuda_it_exits_cleanly_and_writes_nothing(tmp_path):
 
 def test_make_target_takes_the_interpreter_it_is_given(tmp_path):
     """`make gpu-check PY=...` runs that interpreter on the script, with no venv step before it."""
-    res = subprocess.run(["make", "-n", "gpu-check", "PY=/opt/some/python3"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    # --no-print-directory: under `make test` MAKEFLAGS carries -w, which adds "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    res = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PY=/opt/some/python3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     assert [ln.strip() for ln in res.stdout.strip().splitlines()] == ["/opt/some/python3 benchmarks/gpu_check.py"]
 
