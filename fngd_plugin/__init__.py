@@ -7,10 +7,10 @@
 """
 
 from .fngd import FNGD
+from .gram import solve_coefficients
 from .kfac import KFAC
 from .options import OptionError
 from .samplers import PerSampleGrads, register_sampler
-from .smw import solve_coefficients
 from .store import CoefficientStore
 
 __all__ = ["FNGD", "KFAC", "CoefficientStore", "OptionError", "PerSampleGrads", "register_sampler",

@@ -1,7 +1,7 @@
 """FNGD: Fast Natural Gradient Descent (Ou, Zhu, Huang, Liu, arXiv:2403.03473, 2024).
 
 Damped natural gradient descent written as a weighted sum of per-sample gradients
-(``smw.py``); the weights are solved during a collect phase (the first epoch by default) and
+(``gram.py``); the weights are solved during a collect phase (the first epoch by default) and
 reused afterwards, so later steps cost about one ordinary backward.
 
 Protocol: ``opt.zero_grad(); loss.backward(); opt.step()``. The optimizer finds the modules that
@@ -45,12 +45,11 @@ from torch import Tensor, nn
 from .base import CaptureOptimizer
 from .capture import MicroBatch
 from .distributed import all_reduce_mean
-from .gram import add_weighted, block_gram
+from .gram import DAMPING_MODES, NORMALIZE_MODES, add_weighted, block_gram, normalize_coefficients, solve_coefficients
 from .options import OptionError, check_choice, check_flag, check_number, check_sgd_args
 from .progress import Progress
 from .samplers import PerSampleGrads, override_base, post_reason, unsupported_reason
 from .schedule import EpochSchedule
-from .smw import DAMPING_MODES, NORMALIZE_MODES, normalize_coefficients, solve_coefficients
 from .store import CoefficientStore
 
 logger = logging.getLogger("fngd_plugin")
@@ -214,7 +213,7 @@ class FNGD(Progress, CaptureOptimizer):
 
     # ------------------------------------------------------------------ the two steps
     # Collect step (a collect epoch, or nothing stored yet): the batch's per-sample gradients are
-    # captured, their Gram K solved for c (smw.py) and stored, and each covered gradient replaced
+    # captured, their Gram K solved for c (gram.py) and stored, and each covered gradient replaced
     # by sum_i c_i g_i: _precondition -> _collect_step.
     # Reuse step, coefficients="network": nothing is captured; _network_reuse_weights scales the
     # model output's gradient by n c_i, so the host's one ordinary backward already yields

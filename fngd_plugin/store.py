@@ -5,7 +5,7 @@ Two keyings (``reuse`` option of FNGD):
   position  c stored per batch index within the epoch, applied to whatever batch comes there.
 
 Coefficients are kept per block (one block for ``coefficients="network"``, one per owning module
-for ``"layer"``), in true per-sample units (the c of ``smw.py``), as float64. A lookup that finds
+for ``"layer"``), in true per-sample units (the c of ``gram.solve_coefficients``), as float64. A lookup that finds
 nothing (an id never collected, a position whose batch had another size) falls back to the mean
 of everything stored for that block, and is counted. Lookups never sync with the device.
 """

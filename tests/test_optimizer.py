@@ -13,7 +13,7 @@ from oracle import per_sample_grads
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-import fngd_plugin.smw as smw
+import fngd_plugin.gram as smw
 from fngd_plugin import FNGD
 
 

@@ -20,15 +20,13 @@ from .grads import (
     DenseGrads,
     PerSampleGrads,
     _batch_first,
-    _chunked_gram,
     _gram_of,
     _in_range,
     _pow2,
-    _token_gram,
     _token_pair_sums,
     compute_dtype,
 )
-from .linear import FactoredGrads, linear_sampler
+from .linear import FactoredGrads, _chunked_gram, _token_gram, linear_sampler
 from .norm import batchnorm2d_sampler, layernorm_sampler, sampler_meta
 from .registry import (
     _CHECKS,

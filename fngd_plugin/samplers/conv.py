@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grads import PerSampleGrads, _chunked_gram, _gram_of, _in_range, _token_gram, compute_dtype
+from .grads import PerSampleGrads, _gram_of, _in_range, compute_dtype
+from .linear import _chunked_gram, _token_gram
 from .registry import register_sampler
 from .routes import _ROUTE_MEMORY_LIMIT, _route_costs, _sample_blocks, sketch_pays
 from .subclass import register_parent_output

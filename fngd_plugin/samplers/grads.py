@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .routes import _block_elements, _sample_blocks
+from .routes import _sample_blocks
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,40 +154,3 @@ def _token_pair_sums(pairs: Callable[[slice], Tensor], n: int, Ta: int, Tb: int,
         P = pairs(slice(i0 * Ta, i1 * Ta))
         out.append(P if Ta == Tb == 1 else P.view(-1, Ta, n, Tb).sum(dim=(1, 3)))
     return out[0] if len(out) == 1 else torch.cat(out)
-
-
-def _token_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
-    """K_ij = sum_{t,s} (A_it.A_js + bias)(D_it.D_js) for g_i = sum_t D[i,t] (x) [A[i,t], 1?]."""
-    n, T, p = A.shape
-    Af = A.reshape(n * T, p)
-    # output gradients are what can be tiny (_pow2); activations are not rescaled
-    with _in_range(D.reshape(n * T, D.shape[-1])) as (Df, unscale):
-
-        def pairs(rows: slice) -> Tensor:
-            AA = Af[rows] @ Af.T
-            if bias:
-                AA += 1
-            return AA.mul_(Df[rows] @ Df.T)
-
-        K = _token_pair_sums(pairs, n, T, T, Af.device)
-    return unscale(K)
-
-
-def _chunked_gram(A: Tensor, D: Tensor, bias: bool) -> Tensor:
-    """Gram by materialising g_i = D_i^T A_i a block of output rows at a time, so that each block is
-    still in cache when its contribution is taken (up to 2x faster than one pass on a CPU)."""
-    n, _, p = A.shape
-    q = D.shape[-1]
-    step = max(8, _block_elements(A.device) // (n * p))
-    K = None
-    with _in_range(D) as (D, unscale):  # tiny output gradients would make G's products denormal (_pow2)
-        Dt = D.transpose(1, 2)
-        for s in range(0, q, step):
-            G = torch.bmm(Dt[:, s:s + step], A).reshape(n, -1)
-            K = G @ G.T if K is None else K + G @ G.T
-        if bias:
-            Gb = D.sum(dim=1)
-            K = K + Gb @ Gb.T
-    if not (K is not None):  # an invariant, kept under python -O
-        raise RuntimeError("fngd_plugin internal error: expected K is not None")
-    return unscale(K)
