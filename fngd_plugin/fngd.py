@@ -123,7 +123,7 @@ class FNGD(Progress, CaptureOptimizer):
     """
 
     counter_names = ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
-                     "tied_approx")
+                     "negative_sum", "tied_approx")
 
     def __init__(
         self,

@@ -93,6 +93,7 @@ def counters(opt: CaptureOptimizer) -> dict[str, float]:
     if isinstance(steps, dict):  # FNGD
         out.update({f"{tag}/{k}_steps": v for k, v in steps.items()})
         out[f"{tag}/coef_scale_mean"] = s["coef_scale_mean"]
+        out[f"{tag}/coef_negative_share"] = s["coef_negative_share"]
         out[f"{tag}/solve_fallbacks"] = s["solve_fallbacks"]
     else:  # KFAC
         out.update({f"{tag}/{k}": s[k] for k in ("steps", "layers", "factor_updates", "inverse_updates")})

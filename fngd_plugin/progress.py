@@ -97,6 +97,8 @@ class Progress:
             "coef_scale_min": c["nc_min"],
             "coef_scale_max": c["nc_max"],
             "coef_spread_mean": c["spread_sum"] / steps,
+            # the share of sum |c| that is negative: the step ascends on those samples' losses
+            "coef_negative_share": c.get("negative_sum", 0.0) / steps,
             "stored": 0 if self.store is None else len(self.store),
             "store_misses": 0 if self.store is None else int(self.store.misses),
             "root_mismatches": self._capture.root_mismatch,
@@ -148,7 +150,8 @@ class Progress:
         if extra is None:
             return
         self.schedule.load_state_dict(extra)
-        self._counters = {k: v.clone() for k, v in extra["counters"].items()}
+        # counters added since a checkpoint was written start at zero
+        self._counters = {**self._counters, **{k: v.clone() for k, v in extra["counters"].items()}}
         self._checked_capture = bool(extra["checked_capture"])
         self.step_counts = Counter(extra.get("step_counts", {}))
         self._epoch_start_counts = Counter(extra.get("epoch_start_counts", {}))
@@ -180,9 +183,10 @@ class Progress:
         s = self.stats()
         logger.info(
             "FNGD: collect epoch %d done: %d solves, coefficient scale n*c mean %.3g (min %.3g, max %.3g), "
-            "spread std(c)/mean(c) %.3g, %d solve fallbacks, %d skipped steps, %d coefficients stored",
+            "spread std(c)/mean(c) %.3g, negative coefficients %.1f%% of sum |c|, %d solve fallbacks, "
+            "%d skipped steps, %d coefficients stored",
             epoch, s["collect_steps"], s["coef_scale_mean"], s["coef_scale_min"], s["coef_scale_max"],
-            s["coef_spread_mean"],
+            s["coef_spread_mean"], 100 * s["coef_negative_share"],
             s["solve_fallbacks"], s["skipped_steps"], s["stored"],
         )
         if s["solve_fallbacks"]:
@@ -198,6 +202,7 @@ class Progress:
         finite = torch.isfinite(nc)
         self._add("nc_sum", torch.where(finite, nc, 0.0) * share)
         self._add("spread_sum", torch.where(finite, c.std() / c.mean(), 0.0) * share)
+        self._add("negative_sum", torch.where(finite, c.clamp_max(0).abs().sum() / c.abs().sum(), 0.0) * share)
         lo, hi = self._counters["nc_min"].to(c.device), self._counters["nc_max"].to(c.device)
         self._counters["nc_min"] = torch.where(finite, torch.minimum(lo, nc), lo)
         self._counters["nc_max"] = torch.where(finite, torch.maximum(hi, nc), hi)

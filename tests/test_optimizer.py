@@ -468,3 +468,47 @@ def test_update_adamw_is_torch_adamw_fed_the_fngd_direction(f64):
 def test_bad_update_options(kw, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
         FNGD.check_options(lr=0.1, **kw)
+
+
+# ------------------------------------------------------------------------------ coefficient signs
+@pytest.mark.parametrize("damping", [1e-3, 10.0])
+def test_negative_coefficient_share_matches_the_d_by_d_direction(f64, damping):
+    """stats()["coef_negative_share"] is the share of sum |c| that is negative, for the c with
+    U^T c = (F + lambda I)^-1 gbar: here c is recovered from the d x d solve by least squares, not
+    from FNGD's n x n identity. Small damping makes many coefficients negative (the step ascends
+    on those samples' losses); large damping makes them all positive."""
+    model = MODELS["mlp"]()
+    (x, y), loss_one = model.batch(12)
+    gs = per_sample_grads(model, loss_one, x, y)
+    names = [k for k, _ in model.named_parameters()]
+    U = torch.cat([gs[k].reshape(12, -1) for k in names], dim=1)  # (n, d), d > n
+    n, d = U.shape
+    direction = torch.linalg.solve(U.T @ U / n + damping * torch.eye(d), U.mean(0))
+    c = torch.linalg.lstsq(U.T, direction.unsqueeze(1)).solution.squeeze(1)
+    assert torch.allclose(U.T @ c, direction, atol=1e-8)  # the direction lies in the span
+    want = float(c.clamp_max(0).abs().sum() / c.abs().sum())
+
+    opt = FNGD(model.parameters(), lr=0.1, damping=damping, damping_mode="absolute", normalize="none",
+               reuse="off")
+    train(model, opt, [(x, y)])
+    got = opt.stats()["coef_negative_share"]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    if damping < 1:
+        assert want > 0.05  # the case this test is about: a direction that ascends on some samples
+    else:
+        assert want == 0.0
+
+
+def test_checkpoint_without_a_newer_counter_still_loads():
+    """A checkpoint written before a counter existed loads, the counter starting at zero."""
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, reuse="off")
+    (x, y), _ = model.batch(4)
+    train(model, opt, [(x, y)])
+    sd = opt.state_dict()
+    del sd["fngd"]["counters"]["negative_sum"]
+    again = FNGD(model.parameters(), lr=0.1, reuse="off")
+    again.load_state_dict(sd)
+    assert again.stats()["coef_negative_share"] == 0.0
+    train(model, again, [(x, y)])  # and counts on from there
+    assert again.stats()["collect_steps"] == 2 and math.isfinite(again.stats()["coef_negative_share"])
