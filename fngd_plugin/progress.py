@@ -98,7 +98,7 @@ class Progress:
             "coef_scale_max": c["nc_max"],
             "coef_spread_mean": c["spread_sum"] / steps,
             # the share of sum |c| that is negative: the step ascends on those samples' losses
-            "coef_negative_share": c.get("negative_sum", 0.0) / steps,
+            "coef_negative_share": c["negative_sum"] / steps,
             "stored": 0 if self.store is None else len(self.store),
             "store_misses": 0 if self.store is None else int(self.store.misses),
             "root_mismatches": self._capture.root_mismatch,
