@@ -177,8 +177,10 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
+        head, dirty = "", ""
+    if not head:  # a copy of the tree without .git (a device machine): the commit it was sent from, if given
+        return os.environ.get("FNGD_COMMIT", "unknown (no git; set FNGD_COMMIT)")
+    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def device_slug(name: str) -> str:
