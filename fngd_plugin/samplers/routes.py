@@ -17,10 +17,12 @@ _ROUTE_MEMORY_LIMIT = 2**28
 
 # Relative cost of the exact Gram routes per device: (cost of one multiply-add of the materialising
 # route relative to one of a large GEMM, cost of one elementwise pass over a token-pair entry in
-# multiply-adds). Measured on this project's 2-core CPU with benchmarks/gram_routes.py (the token
+# multiply-adds). Measured with benchmarks/gram_routes.py on this project's 2-core CPU (the token
 # route's large GEMMs run 1.3-4x more multiply-adds per second than the materialising route's
-# batched ones and skinny n x n products); the other devices' entry is not measured.
-ROUTE_COST = {"cpu": (2.5, 50.0), "cuda": (1.0, 50.0)}
+# batched ones and skinny n x n products) and on an H200 (benchmarks/reports/gpu-h200-first.md: with
+# these constants the picked routes of its 25 layers take 1.02x the fastest routes' time in all,
+# worst layer 1.4x at under 1 ms; the earlier guess (1.0, 50.0) took 1.28x, worst 1.8x).
+ROUTE_COST = {"cpu": (2.5, 50.0), "cuda": (2.5, 50.0)}
 
 # elements of one block of the blocked Gram routes (measured on a 2-core CPU: a block that stays in
 # cache is up to 2x faster than one pass); larger on a GPU, where a block is one kernel's work
