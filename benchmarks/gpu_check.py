@@ -171,6 +171,8 @@ def route_costs(gram: Result) -> Result:
 
 
 def git_commit() -> str:
+    if os.environ.get("FNGD_COMMIT"):  # the commit a copied tree was sent from (a device machine's .git can be stale)
+        return os.environ["FNGD_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -178,8 +180,8 @@ def git_commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head, dirty = "", ""
-    if not head:  # a copy of the tree without .git (a device machine): the commit it was sent from, if given
-        return os.environ.get("FNGD_COMMIT", "unknown (no git; set FNGD_COMMIT)")
+    if not head:
+        return "unknown (no git; set FNGD_COMMIT)"
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
