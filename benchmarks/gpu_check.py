@@ -80,7 +80,7 @@ def pieces() -> list[Piece]:
               table="gram_routes.md"),
         Piece("collect-profile", "benchmarks/collect_profile.py --full --device cuda --rounds 5",
               ["benchmarks/collect_profile.py", "--full", "--device", "cuda", "--rounds", "5",
-               "--out", "{tmp}/collect_profile.md"], 240, ("timm",), table="collect_profile.md"),
+               "--out", "{tmp}/collect_profile.md"], 320, ("timm",), table="collect_profile.md"),
         Piece("peers", "benchmarks/peers.py --device cuda --rounds 3",
               ["benchmarks/peers.py", "--device", "cuda", "--rounds", "3", "--out", "{tmp}/peers.md"], 90,
               ("timm", "asdl"), table="peers.md"),
