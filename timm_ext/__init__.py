@@ -154,3 +154,10 @@ def register() -> None:
 
 
 register()
+
+
+@register_model
+def cifar_resnet18_w32s2(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """The half-width ResNet-18 (32-256) with the stride-2 stem: 4x the quarter width's parameters,
+    the second model size on which the Fashion-MNIST recipe is checked (slurm/presets/recipe-fmnist-w32.toml)."""
+    return _cifar_resnet("cifar_resnet18_w32s2", 32, pretrained, kwargs, stem_stride=2)
