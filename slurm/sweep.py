@@ -456,7 +456,11 @@ def expand(sweep: Sweep) -> list[Run]:
 def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int, epochs: int | None = None) -> Run:
     opt = name.split(":")[0]
     epochs = epochs or task.epochs
-    config = {"sweep": sweep.name, "task": task.name, "kind": task.kind, "data": str(task.data),
+    # the data path as the sweep file writes it (relative to where the sweep runs, as ``out`` is), not
+    # resolved: a checkout moved elsewhere, or a cluster that mounts it at another path, keeps its run
+    # ids and resumes its runs (ids before 2026-12-04 hashed the absolute path)
+    data = task.spec.get("data") or str(task.data)
+    config = {"sweep": sweep.name, "task": task.name, "kind": task.kind, "data": data,
               "epochs": epochs, "max_time_min": task.max_time_min, "args": task.args, "optimizer": opt,
               "variant": name,
               "hparams": hp, "seed": seed, "gpus": task.resources.gpus}

@@ -122,6 +122,30 @@ def test_grid_expansion_ids_and_launch_commands(tmp_path):
     assert not {r.id for r in s.runs} & {r.id for r in sw.load(path).runs}
 
 
+def test_run_ids_do_not_depend_on_where_the_checkout_lies(tmp_path, monkeypatch):
+    """A checkout moved (or mounted elsewhere on a cluster's nodes) keeps its run ids, so its finished
+    runs are found and its unfinished ones resume; the runs still read the data where they are now."""
+    body = """
+        [tasks.img]
+        kind = "timm"
+        data = "data/d"
+        epochs = 3
+        [tasks.img.optimizers.fngd]
+        lr = [0.1, 0.2]
+        """
+    loaded = {}
+    for where in ("a", "b/c"):
+        (tmp_path / where).mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / where)
+        loaded[where] = sw.load(write(tmp_path / where, body))
+    a, b = loaded["a"].runs, loaded["b/c"].runs
+    assert [r.id for r in a] == [r.id for r in b]
+    assert a[0].plan["data"] == str(tmp_path / "a" / "data" / "d") and b[0].plan["data"] == str(tmp_path / "b/c/data/d")
+    # another data path as written is another run
+    other = sw.load(write(tmp_path / "a", body.replace("data/d", "data/e"))).runs
+    assert not {r.id for r in other} & {r.id for r in a}
+
+
 def test_fairseq_launch_uses_fairseqs_own_distributed_spawn(tmp_path):
     pytest.importorskip("fairseq")
     path = write(tmp_path, """
