@@ -173,7 +173,7 @@ def tune_main(sweep: Sweep, args: argparse.Namespace) -> int:
         for o, d in task["optimizers"].items():
             print(f"chosen for {t}/{o}: {d['chosen']['hparams']} (best validation {d['chosen']['value']:.4g})")
     tune.write_result(result_path, tune.public(result))  # the choice is on disk before the seeds run
-    todo2, _ = plan(sweep, runs_of(result, "seed_runs"))
+    todo2, _ = plan(sweep, tune.by_seed(runs_of(result, "seed_runs")))
     print(f"seeds: {len(todo2)} runs to launch", flush=True)
     code2, ended2 = launch(sweep, [r for r, _, _ in todo2], args.wait)
     tune.write_result(result_path, tune.public(current()))
