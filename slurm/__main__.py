@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print_status(sweep)
             return 0
         check_data(sweep, args.dry_run)
-        todo, skip = plan(sweep)
+        todo, skip = plan(sweep, tune.by_seed(sweep.runs))  # every configuration's seed 0 first
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs ({len(sweep.tasks)} tasks x optimizer grids x "
               f"{len(sweep.seeds)} seeds) -> {sweep.root}; {len(skip)} done or in flight, {len(todo)} to launch "
               f"on {sweep.executor}", flush=True)

@@ -325,10 +325,10 @@ SELECTION = "the best validation metric over a trial's epochs"
 
 
 def by_seed(runs: list) -> list:
-    """The chosen configurations' runs seed by seed: every optimizer's first seed before any
-    optimizer's second, so a sweep stopped early (a session's end, a preemption, a budget) leaves a
-    side-by-side comparison at fewer seeds rather than some optimizers at every seed and others at
-    none. Within a seed, the sweep file's order."""
+    """The runs seed by seed (a sweep's, or a tuning's chosen configurations'): every optimizer's
+    first seed before any optimizer's second, so a sweep stopped early (a session's end, a
+    preemption, a budget) leaves a side-by-side comparison at fewer seeds rather than some
+    optimizers at every seed and others at none. Within a seed, the sweep file's order."""
     return sorted(runs, key=lambda r: r.seed)
 
 
