@@ -24,7 +24,7 @@ import time
 from collections import Counter
 
 from . import executors, tune
-from .sweep import EXECUTORS, Sweep, SweepError, load, presets
+from .sweep import EXECUTORS, Sweep, SweepError, by_seed, load, presets
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -64,8 +64,9 @@ def check_data(sweep: Sweep, dry_run: bool) -> None:
 
 
 def plan(sweep: Sweep, runs: list | None = None) -> tuple[list, list]:
+    """(to launch, done or in flight), each in launch order: seed by seed (``by_seed``)."""
     todo, skip = [], []
-    for run in sweep.runs if runs is None else runs:
+    for run in by_seed(sweep.runs if runs is None else runs):
         state, detail = executors.status_of(run)
         (skip if state in ("done", "running", "queued") else todo).append((run, state, detail))
     return todo, skip
@@ -173,7 +174,7 @@ def tune_main(sweep: Sweep, args: argparse.Namespace) -> int:
         for o, d in task["optimizers"].items():
             print(f"chosen for {t}/{o}: {d['chosen']['hparams']} (best validation {d['chosen']['value']:.4g})")
     tune.write_result(result_path, tune.public(result))  # the choice is on disk before the seeds run
-    todo2, _ = plan(sweep, tune.by_seed(runs_of(result, "seed_runs")))
+    todo2, _ = plan(sweep, runs_of(result, "seed_runs"))
     print(f"seeds: {len(todo2)} runs to launch", flush=True)
     code2, ended2 = launch(sweep, [r for r, _, _ in todo2], args.wait)
     tune.write_result(result_path, tune.public(current()))
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print_status(sweep)
             return 0
         check_data(sweep, args.dry_run)
-        todo, skip = plan(sweep, tune.by_seed(sweep.runs))  # every configuration's seed 0 first
+        todo, skip = plan(sweep)
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs ({len(sweep.tasks)} tasks x optimizer grids x "
               f"{len(sweep.seeds)} seeds) -> {sweep.root}; {len(skip)} done or in flight, {len(todo)} to launch "
               f"on {sweep.executor}", flush=True)

@@ -453,6 +453,14 @@ def expand(sweep: Sweep) -> list[Run]:
     return runs
 
 
+def by_seed(runs: list) -> list:
+    """The runs seed by seed (a sweep's, or a tuning's chosen configurations'): every optimizer's
+    first seed before any optimizer's second, so a sweep stopped early (a session's end, a
+    preemption, a budget) leaves a side-by-side comparison at fewer seeds rather than some
+    optimizers at every seed and others at none. Within a seed, the sweep file's order."""
+    return sorted(runs, key=lambda r: r.seed)
+
+
 def _run(sweep: Sweep, task: Task, name: str, hp: dict[str, Any], seed: int, epochs: int | None = None) -> Run:
     opt = name.split(":")[0]
     epochs = epochs or task.epochs

@@ -324,14 +324,6 @@ def markdown(data: dict[str, Any]) -> str:
 SELECTION = "the best validation metric over a trial's epochs"
 
 
-def by_seed(runs: list) -> list:
-    """The runs seed by seed (a sweep's, or a tuning's chosen configurations'): every optimizer's
-    first seed before any optimizer's second, so a sweep stopped early (a session's end, a
-    preemption, a budget) leaves a side-by-side comparison at fewer seeds rather than some
-    optimizers at every seed and others at none. Within a seed, the sweep file's order."""
-    return sorted(runs, key=lambda r: r.seed)
-
-
 def state(sweep, status_of, record_of) -> dict[str, Any]:
     """The tuning result of ``sweep`` as its run directories stand: every trial of every round,
     the choice per optimizer once all its trials have ended (done or failed) and no edge round is

@@ -20,7 +20,7 @@ from fngd_records import RunRecord
 def test_seed_runs_go_seed_by_seed_so_an_early_stop_leaves_a_side_by_side_comparison():
     from types import SimpleNamespace as R
     runs = [R(optimizer=o, seed=s) for o in ("fngd", "kfac", "adamw") for s in (0, 1, 2)]
-    order = [(r.seed, r.optimizer) for r in tune.by_seed(runs)]
+    order = [(r.seed, r.optimizer) for r in sw.by_seed(runs)]
     assert order == [(s, o) for s in (0, 1, 2) for o in ("fngd", "kfac", "adamw")]
 
 
