@@ -72,6 +72,22 @@ def plan(sweep: Sweep, runs: list | None = None) -> tuple[list, list]:
     return todo, skip
 
 
+def extend(sweep: Sweep, runs: list) -> None:
+    """Runs of a task with ``extends`` that have not started begin from the same configuration's
+    finished shorter run there (fairseq resumes from its checkpoint); without one, from scratch."""
+    for run in runs:
+        root = sweep.tasks[run.task].extends
+        if root is None:
+            continue
+        src = executors.extension_source(run, root)
+        if src is None:
+            print(f"{run.id}: no finished shorter run of its configuration in {root}; it starts from scratch",
+                  flush=True)
+            continue
+        executors.continue_from(run, src)
+        print(f"{run.id}: continues {src} after its epoch {len(executors.record_of(run)['epochs'])}", flush=True)
+
+
 def launch(sweep: Sweep, runs: list, wait: bool) -> tuple[int, bool]:
     """Launch ``runs`` on the sweep's executor: (exit code, whether they have all ended here)."""
     if not runs:
@@ -105,6 +121,10 @@ def print_plan(sweep: Sweep, todo: list, skip: list) -> None:
                + (f", partition {r.partition}" if r.partition else "")
                + "".join(f", {k}={v}" for k, v in r.extra.items())) if sweep.executor == "slurm" else "local"
         print(f"  {run.id} [{state}; {res}]\n    {shlex.join(run.command)}")
+        root = sweep.tasks[run.task].extends
+        src = executors.extension_source(run, root) if root is not None and state == "not started" else None
+        if src is not None:
+            print(f"    continues {src}")
     for run, state, _ in skip:
         print(f"  {run.id} [{state}: skipped]")
 
@@ -214,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(sweep, todo, skip)
             return 0
+        extend(sweep, [run for run, state, _ in todo if state == "not started"])
         code, ended = launch(sweep, [run for run, _, _ in todo], args.wait)
         if not ended:
             print(f"follow with: python -m fngd_slurm {args.sweep} --status")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,49 @@ def next_log(run_dir: Path) -> Path:
     logs.mkdir(parents=True, exist_ok=True)
     n = 1 + sum(1 for _ in logs.glob("attempt-*.log"))
     return logs / f"attempt-{n}.log"
+
+
+# config keys a continued run may differ in from the shorter run it continues (data: as written;
+# compared resolved)
+_EXTENSION_FREE = ("sweep", "epochs", "data")
+
+
+def extension_source(run: Run, root: Path) -> Path | None:
+    """The finished run under the sweep directory ``root`` that ``run`` can continue (a task's
+    ``extends``): the same configuration (task, model, optimizer, hyperparameters, seed, the same
+    data) at fewer epochs, done, with its last checkpoint. The longest such run, or None."""
+    want = {k: v for k, v in run.config.items() if k not in _EXTENSION_FREE}
+    data = Path(run.config["data"]).resolve()
+    found: tuple[int, Path] | None = None
+    for spec in sorted((root / "runs").glob("*/run.json")):
+        src = spec.parent
+        cfg = (read_json(spec) or {}).get("config", {})
+        epochs = cfg.get("epochs")
+        if ({k: v for k, v in cfg.items() if k not in _EXTENSION_FREE} != want or not isinstance(epochs, int)
+                or epochs >= run.config["epochs"] or Path(str(cfg.get("data"))).resolve() != data
+                or (read_json(src / "record.json") or {}).get("status") != "done"
+                or not (src / "checkpoints" / "checkpoint_last.pt").is_file()):
+            continue
+        if found is None or epochs > found[0]:
+            found = (epochs, src)
+    return None if found is None else found[1]
+
+
+def continue_from(run: Run, src: Path) -> None:
+    """Start ``run`` from the finished shorter run ``src``: its checkpoints, log and record (its
+    epochs, and an attempt naming ``src``), so the run's first launch resumes after ``src``'s last
+    epoch, as a run resumes after a preemption. ``src`` is left as it is."""
+    if (run.dir / "record.json").exists():
+        raise SweepError(f"{run.dir} already has a record; it resumes from its own checkpoint")
+    run.dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "checkpoints", run.dir / "checkpoints", dirs_exist_ok=True)
+    if (src / "train.log").exists():
+        shutil.copy2(src / "train.log", run.dir / "train.log")
+    rec = read_json(src / "record.json") or {}
+    rec["status"] = "stopped"  # not done: the runner's first attempt here continues it
+    rec.setdefault("attempts", []).append({"start": time.strftime("%Y-%m-%dT%H:%M:%S"), "extended_from": src.name,
+                                           "from_dir": str(src), "epochs": len(rec.get("epochs", []))})
+    write_json_atomic(run.dir / "record.json", rec)
 
 
 def slurm_state(sub: dict[str, Any]) -> str | None:

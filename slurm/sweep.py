@@ -87,9 +87,12 @@ TOP_KEYS = {"name", "out", "seeds", "executor", "resources", "tasks", "tune"}
 EXECUTOR_KEYS = {"kind", "max_parallel", "threads"}
 RESOURCE_KEYS = {"partition", "gpus", "cpus", "mem_gb", "time_min", "extra"}
 TASK_KEYS = {"kind", "data", "prepare", "epochs", "trial_epochs", "max_time_min", "args", "optimizers", "resources",
-             "tuned"}
-# what a task with ``tuned`` takes from the tuning result (and may therefore not set itself)
+             "tuned", "extends"}
+# what a task with ``tuned`` takes from the tuning result (only ``epochs`` may be set beside it)
 TUNED_KEYS = ("kind", "data", "prepare", "epochs", "max_time_min", "args")
+# task kinds whose runs can continue a shorter run of the same configuration (``extends``): fairseq's
+# schedules count updates, not the epoch budget; timm's (cosine to --epochs, ...) are laid out over it
+EXTENDABLE_KINDS = ("fairseq",)
 
 
 class SweepError(ValueError):
@@ -144,6 +147,7 @@ class Task:
     resources: Resources
     spec: dict[str, Any] = field(default_factory=dict)  # the task's settings as written (TUNED_KEYS)
     tuned_from: str | None = None  # the tuning result its optimizers come from
+    extends: Path | None = None  # a sweep directory whose finished shorter runs this task's runs continue
     trial_epochs: int | None = None  # a tuning sweep's trials run this many epochs (cheaper fidelity)
 
 
@@ -318,7 +322,7 @@ def _tuned(err: _Errors, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     if task is None:
         err.fail(where, f"{source} has no task {name!r} (it has: {', '.join(result['tasks'])})")
     for k in TUNED_KEYS:
-        if k in spec:
+        if k in spec and k != "epochs":  # epochs: the chosen configurations at another budget
             err.fail(f"tasks.{name}.{k}", f"comes from the tuning result {source}; remove it here")
     for o in only or []:
         if o not in task["optimizers"]:
@@ -398,11 +402,20 @@ def _task(err: _Errors, name: str, spec: Any, base_res: Resources, check: bool, 
                 err.fail(f"{where}.optimizers.{opt}.{k}", "an empty list gives no runs")
     if "data" in args:
         err.fail(f"{where}.args.data", "set data with the task's data key")
+    extends = spec.get("extends")
+    if extends is not None:
+        if tuning:
+            err.fail(f"{where}.extends", "a tuning sweep's trials start from scratch")
+        if kind not in EXTENDABLE_KINDS:
+            err.fail(f"{where}.extends", f"{kind} runs cannot continue shorter runs (their lr schedules are laid "
+                                         f"out over the epoch budget); allowed for: {', '.join(EXTENDABLE_KINDS)}")
+        extends = Path(err.typed(f"{where}.extends", extends, str)).absolute()
     res = _resources(err, f"{where}.resources", err.typed(f"{where}.resources", spec.get("resources", {}), dict),
                      base_res)
     return Task(name=name, kind=kind, data=Path(data).absolute(),
                 prepare=prepare, epochs=epochs, max_time_min=max_time, args=args, optimizers=opts, resources=res,
-                spec={k: spec.get(k) for k in TUNED_KEYS}, tuned_from=tuned_from, trial_epochs=trial_epochs)
+                spec={k: spec.get(k) for k in TUNED_KEYS}, tuned_from=tuned_from, trial_epochs=trial_epochs,
+                extends=extends)
 
 
 # ----------------------------------------------------------------------------------------- expansion
