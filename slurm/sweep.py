@@ -41,7 +41,16 @@ configuration with the tuned task's own settings (kind, data, epochs, args: none
 beside it); ``tuned = { result = "...", optimizers = ["fngd"] }`` only those (``[]``: none, only the
 variants that follow); a variant table
 ``[tasks.X.optimizers."fngd:layer"]`` then changes only the options it names in fngd's chosen
-configuration (an ablation of the tuned configuration).
+configuration (an ablation of the tuned configuration). ``epochs`` may be set beside ``tuned``: the
+chosen configurations at another budget.
+
+A longer budget need not redo the shorter one: ``extends = "results/tune-corpus"`` (a sweep
+directory) starts each run that has not started from the same configuration's finished shorter run
+there (same task, settings, optimizer, hyperparameters, seed and data; the longest one), copying its
+checkpoints, log and record; the run then resumes after that run's last epoch, as after a
+preemption (the record's attempts name the run it continued). fairseq tasks only: their schedules
+count updates; timm's are laid out over the epoch budget, so a longer timm run is not a
+continuation of a shorter one.
 
 Task kinds are the entries of ``RUNNERS``: the module that runs one training run of that host
 and knows its optimizers. ``timm`` runs ``python -m timm_ext.train`` (``args``: its options),

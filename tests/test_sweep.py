@@ -70,6 +70,8 @@ BAD = [
      "tasks.a.resources.memory: unknown key; allowed: cpus, extra, gpus, mem_gb, partition, time_min"),
     ("seeds = 3\n[tasks.a]\nkind='timm'\n", "seeds: 3: expected a non-empty list of integers"),
     ("name = 'a'\n[tasks", "not valid TOML"),
+    ("[tasks.a]\nkind='timm'\ndata='.'\nepochs=1\nextends='results/x'\n[tasks.a.optimizers.fngd]\nlr=1\n",
+     "tasks.a.extends: timm runs cannot continue shorter runs (their lr schedules are laid out over the epoch budget)"),
 ]
 
 
@@ -271,3 +273,74 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, digits):
     # the best validation epoch, kept across the kill (best.pt), is the one tested, with the same result
     assert got["final"]["best_epoch"] == expected["final"]["best_epoch"]
     assert got["final"]["test_top1"] == expected["final"]["test_top1"]
+
+
+def fairseq_sweep(tmp_path: Path, corpus: Path, name: str, epochs: int, extends: str | None = None) -> Path:
+    return write(tmp_path, f"""
+        name = "{name}"
+        out = "results"
+        seeds = [0]
+        [executor]
+        max_parallel = 1
+        threads = 1
+        [tasks.t]
+        kind = "fairseq"
+        data = "{corpus / 'bin'}"
+        epochs = {epochs}
+        {f'extends = "{extends}"' if extends else ''}
+        [tasks.t.args]
+        arch = "transformer"
+        encoder_layers = 1
+        decoder_layers = 1
+        encoder_embed_dim = 32
+        decoder_embed_dim = 32
+        encoder_ffn_embed_dim = 64
+        decoder_ffn_embed_dim = 64
+        encoder_attention_heads = 2
+        decoder_attention_heads = 2
+        share_all_embeddings = true
+        criterion = "label_smoothed_cross_entropy"
+        label_smoothing = 0.1
+        max_tokens = 2000
+        num_workers = 0
+        lr_scheduler = "inverse_sqrt"
+        warmup_updates = 50
+        clip_norm = 1.0
+        update_epoch_batch_itr = "True"
+        [tasks.t.optimizers.fngd]
+        lr = 0.25
+        damping = 0.5
+        """, name=f"{name}.toml")
+
+
+def test_a_longer_sweep_continues_the_shorter_runs_to_the_same_numbers(tmp_path, corpus):
+    """``extends``: a 2-epoch run that continues a finished 1-epoch run of the same configuration
+    (collect epoch done, reuse epoch from its stored coefficients) equals a 2-epoch run from scratch.
+    ``update_epoch_batch_itr``: without it fairseq builds a resumed run's batches anew (ties between
+    equally long sentences fall differently; see test_fairseq.test_resume_continues_identically), so
+    a continued run, like any resumed fairseq run, follows another trajectory of the same training."""
+    cli(str(fairseq_sweep(tmp_path, corpus, "short", 1)), cwd=tmp_path)
+    (short_id, short), = records(tmp_path / "results" / "short").items()
+    cli(str(fairseq_sweep(tmp_path, corpus, "fresh", 2)), cwd=tmp_path)
+    (fresh,) = records(tmp_path / "results" / "fresh").values()
+
+    path = fairseq_sweep(tmp_path, corpus, "long", 2, extends="results/short")
+    plan = cli(str(path), "--dry-run", cwd=tmp_path).stdout
+    assert f"continues {tmp_path / 'results' / 'short' / 'runs' / short_id}" in plan
+    out = cli(str(path), cwd=tmp_path).stdout
+    assert f"continues {tmp_path / 'results' / 'short' / 'runs' / short_id} after its epoch 1" in out
+    (got,) = records(tmp_path / "results" / "long").values()
+    assert got["status"] == "done"
+    assert [a.get("resumed_from_epoch") for a in got["attempts"]] == [0, None, 1]
+    assert got["attempts"][1]["extended_from"] == short_id
+    keys = ("epoch", "step", "train_loss", "val_loss", "val_metric", "phase")
+    assert [e["phase"] for e in got["epochs"]] == ["collect", "reuse"]
+    assert [{k: e[k] for k in keys} for e in got["epochs"]] == [{k: e[k] for k in keys} for e in fresh["epochs"]]
+    assert got["final"]["test_bleu"] == fresh["final"]["test_bleu"]
+    # the shorter run is left as it was
+    assert records(tmp_path / "results" / "short")[short_id] == short
+    # a configuration that differs (here the damping) is not continued: it starts from scratch
+    other = path.read_text().replace("damping = 0.5", "damping = 0.7")
+    (tmp_path / "other.toml").write_text(other.replace('name = "long"', 'name = "other"'))
+    plan = cli(str(tmp_path / "other.toml"), "--dry-run", cwd=tmp_path).stdout
+    assert "    continues " not in plan and "1 to launch" in plan
