@@ -281,10 +281,17 @@ def test_a_report_task_runs_the_chosen_configurations_with_the_tuned_settings(tm
     task = sw.load(path).tasks["img"]
     assert set(task.optimizers) == {"sgd:nomomentum", "adamw:x"}
     assert task.optimizers["sgd:nomomentum"] == {**chosen["sgd"]["chosen"]["hparams"], "momentum": 0.0}
+    # epochs beside tuned: the chosen configurations at another budget, the other settings as tuned
+    path.write_text(path.read_text().replace("[tasks.img]\n", "[tasks.img]\nepochs = 5\n"))
+    s = sw.load(path)
+    assert (s.tasks["img"].epochs, s.tasks["img"].args) == (5, {"model": "test_resnet"})
+    assert {r.config["epochs"] for r in s.runs} == {5} and all("--epochs 5" in " ".join(r.command) for r in s.runs)
 
 
 @pytest.mark.parametrize("body,message", [
-    ('[tasks.img]\ntuned = "{r}"\nepochs = 3\n', "tasks.img.epochs: comes from the tuning result"),
+    ('[tasks.img]\ntuned = "{r}"\nargs = {{ model = "resnet18" }}\n', "tasks.img.args: comes from the tuning result"),
+    ('[tasks.img]\ntuned = "{r}"\nmax_time_min = 3\n', "tasks.img.max_time_min: comes from the tuning result"),
+    ('[tasks.img]\ntuned = "{r}"\nextends = "results/x"\n', "tasks.img.extends: timm runs cannot continue"),
     ('[tasks.other]\ntuned = "{r}"\n', "has no task 'other' \\(it has: img\\)"),
     ('[tasks.img]\ntuned = "{r}"\n[tasks.img.optimizers.fngd]\nlr = 1\n',
      "tasks.img.optimizers.fngd: comes from the tuning result .* name a variant"),
