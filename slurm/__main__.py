@@ -84,8 +84,7 @@ def extend(sweep: Sweep, runs: list) -> None:
             print(f"{run.id}: no finished shorter run of its configuration in {root}; it starts from scratch",
                   flush=True)
             continue
-        executors.continue_from(run, src)
-        print(f"{run.id}: continues {src} after its epoch {len(executors.record_of(run)['epochs'])}", flush=True)
+        print(f"{run.id}: continues {src} after its epoch {executors.continue_from(run, src)}", flush=True)
 
 
 def launch(sweep: Sweep, runs: list, wait: bool) -> tuple[int, bool]:

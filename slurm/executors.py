@@ -83,10 +83,10 @@ def extension_source(run: Run, root: Path) -> Path | None:
     return None if found is None else found[1]
 
 
-def continue_from(run: Run, src: Path) -> None:
+def continue_from(run: Run, src: Path) -> int:
     """Start ``run`` from the finished shorter run ``src``: its checkpoints, log and record (its
     epochs, and an attempt naming ``src``), so the run's first launch resumes after ``src``'s last
-    epoch, as a run resumes after a preemption. ``src`` is left as it is."""
+    epoch, as a run resumes after a preemption. ``src`` is left as it is. Returns the epochs it holds."""
     if (run.dir / "record.json").exists():
         raise SweepError(f"{run.dir} already has a record; it resumes from its own checkpoint")
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +98,7 @@ def continue_from(run: Run, src: Path) -> None:
     rec.setdefault("attempts", []).append({"start": time.strftime("%Y-%m-%dT%H:%M:%S"), "extended_from": src.name,
                                            "from_dir": str(src), "epochs": len(rec.get("epochs", []))})
     write_json_atomic(run.dir / "record.json", rec)
+    return len(rec.get("epochs", []))
 
 
 def slurm_state(sub: dict[str, Any]) -> str | None:
