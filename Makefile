@@ -35,7 +35,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/digits_demo.py
 
-# README command 2: the default sweep (the converged tunings' configurations, real offline data, seed 0, local
+# README command 2: the default sweep (the converged image tuning's configurations, real offline data, seed 0, local
 # executor), then the comparison report: results/report.md, results/tables/, results/plots/.
 report: $(STAMP)
 	$(PY) -m fngd_slurm default
