@@ -343,8 +343,8 @@ def test_digits_end_to_end(digits_dir, opt_name, lr):
     if opt_name == "fngd":
         # It learned: the training loss fell several-fold and held-out accuracy is far above chance
         # (0.1). The margins are wide on purpose: after 3 epochs the held-out accuracy of this tiny
-        # BatchNorm net varies between CPUs (0.59 on a 2-core AVX2 EPYC, higher elsewhere) while
-        # the training loss ends near 0.14 on both.
+        # BatchNorm net differs between CPUs (0.593 on a 2-core AVX2 EPYC, with training loss
+        # 1.18 -> 0.14; the earlier bound of 0.6 held on another EPYC).
         assert losses[-1] < 0.5 * losses[0]
         assert acc > 0.3
         assert opt.stats()["phase"] == "reuse"
