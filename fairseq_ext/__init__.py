@@ -70,7 +70,9 @@ class FairseqFNGDConfig(FairseqDataclass):
     nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum"})
     damping: float = field(default=1.0, metadata={"help": "damping lambda > 0 (see --damping-mode)"})
     damping_mode: ChoiceEnum(list(DAMPING_MODES)) = field(  # type: ignore[valid-type]
-        default="relative", metadata={"help": "relative: n*lambda = damping*trace(K)/n; absolute: lambda as given"})
+        default="relative", metadata={"help": "relative: n*lambda = damping*trace(K)/n; absolute: lambda as given; "
+                                              "top: n*lambda = damping*lambda_max(K); cosine: the smallest n*lambda "
+                                              "at which the direction's cosine with the mean gradient is >= damping"})
     coefficients: ChoiceEnum(list(COEFFICIENT_MODES)) = field(  # type: ignore[valid-type]
         default="network", metadata={"help": "one coefficient vector for all layers, or one per module"})
     reuse: ChoiceEnum(list(REUSE_MODES)) = field(  # type: ignore[valid-type]
@@ -92,6 +94,8 @@ class FairseqFNGDConfig(FairseqDataclass):
                                          "(AdamW with beta1 = --momentum; decoupled --weight-decay)"})
     fngd_beta2: float = field(default=0.999, metadata={"help": "AdamW's second-moment decay (--fngd-update adamw)"})
     fngd_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon (--fngd-update adamw)"})
+    fngd_trace: Optional[str] = field(default=None, metadata={
+        "help": "JSON-lines file: one line of direction diagnostics per solve (syncs once per solve)"})
     lr: List[float] = II("optimization.lr")
 
 
@@ -195,7 +199,7 @@ class FairseqFNGD(_Wrapped):
     """Fast Natural Gradient Descent (fngd_plugin.FNGD) inside fairseq."""
 
     core = FNGD
-    options = {"update": "fngd-update", "beta2": "fngd-beta2", "eps": "fngd-eps"}
+    options = {"update": "fngd-update", "beta2": "fngd-beta2", "eps": "fngd-eps", "trace": "fngd-trace"}
 
     @classmethod
     def core_kwargs(cls, c: Any) -> dict:
@@ -205,7 +209,7 @@ class FairseqFNGD(_Wrapped):
                     max_update_norm=c.max_update_norm, refresh_every=c.refresh_every,
                     generic_fallback=not c.no_generic_fallback, sketch=getattr(c, "sketch", None),
                     update=str(getattr(c, "fngd_update", "sgd")), beta2=getattr(c, "fngd_beta2", 0.999),
-                    eps=getattr(c, "fngd_eps", 1e-8))
+                    eps=getattr(c, "fngd_eps", 1e-8), trace=getattr(c, "fngd_trace", None))
 
 
 @register_optimizer("kfac", dataclass=FairseqKFACConfig)

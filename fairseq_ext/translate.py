@@ -290,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             full.append("--cpu")
     args.out.mkdir(parents=True, exist_ok=True)
+    trace = _value(full, "--fngd-trace")
+    if trace is not None and not Path(trace).is_absolute():  # a relative trace file lives in the run directory
+        full = [a for a in full if not a.startswith("--fngd-trace=")]
+        if "--fngd-trace" in full:
+            i = full.index("--fngd-trace")
+            del full[i:i + 2]
+        full += ["--fngd-trace", str(args.out / trace)]
     start = _checkpoint_epoch(args.out / "checkpoints" / "checkpoint_last.pt")
     config = run_config(args.out, {"data": args.data, "train_args": full, "beam": args.beam, "seed": args.seed})
     device = "cpu" if "--cpu" in full else "cuda"

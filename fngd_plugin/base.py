@@ -198,6 +198,7 @@ class CaptureOptimizer(Coverage, torch.optim.Optimizer):
                 continue
             reps[module] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
             reps[module].label = type(module).__name__
+            reps[module].owner = module  # names it in FNGD's trace
         return reps
 
     def _call_samples(self, module: nn.Module, call: Call) -> int | None:

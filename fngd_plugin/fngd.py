@@ -34,8 +34,10 @@ everything else, because the weighting is applied at the model output.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable
 
@@ -44,9 +46,18 @@ from torch import Tensor, nn
 
 from .base import CaptureOptimizer
 from .capture import MicroBatch
+from .diagnostics import DIRECTION_STATS, direction_stats, spectrum
 from .distributed import all_reduce_mean
-from .gram import DAMPING_MODES, NORMALIZE_MODES, add_weighted, block_gram, normalize_coefficients, solve_coefficients
-from .options import OptionError, check_choice, check_flag, check_number, check_sgd_args
+from .gram import (
+    DAMPING_MODES,
+    NORMALIZE_MODES,
+    add_weighted,
+    block_gram,
+    damping_shift,
+    normalize_coefficients,
+    solve_shifted,
+)
+from .options import OptionError, OptionTypeError, check_choice, check_flag, check_number, check_sgd_args
 from .progress import Progress
 from .samplers import PerSampleGrads, override_base, post_reason, unsupported_reason
 from .schedule import EpochSchedule
@@ -85,8 +96,19 @@ class FNGD(Progress, CaptureOptimizer):
             "adamw" (beyond the paper: the direction is AdamW's gradient input, with beta1 =
             ``momentum``, ``beta2`` and ``eps``; the same arithmetic as torch.optim.AdamW).
         beta2, eps: AdamW's second-moment decay in [0, 1) and denominator epsilon > 0 (update="adamw").
-        damping: lambda > 0; its meaning depends on ``damping_mode``.
-        damping_mode: "relative" (n lambda = damping * trace(K) / n: scale-free) or "absolute".
+        damping: lambda > 0; its meaning depends on ``damping_mode`` (with "cosine": the target
+            cosine, in (0, 1)).
+        damping_mode: "relative" (n lambda = damping * trace(K) / n: scale-free), "absolute",
+            "top" (n lambda = damping * lambda_max(K): scale-free, and the direction's cosine with
+            the mean gradient is at least 2 sqrt(r) / (1 + r), r = (1 + damping) / damping, at any
+            batch size) or "cosine" (n lambda chosen per solve: the smallest at which the
+            direction's cosine with the mean gradient is at least ``damping``). gram.py derives
+            them; ``stats()["damping_by_epoch"]`` reports what each epoch's solves chose.
+        trace: optional path of a JSON-lines file that gets one line per solve: the direction's
+            diagnostics (``diagnostics.py``: ascent share, cosine with the mean gradient,
+            decrease relative to SGD, effective sample size, damping), K's spectrum and how the
+            direction's squared norm splits over the covered modules. It syncs with the device
+            once per solve: for diagnosis, not for production runs.
         coefficients: "network" (one coefficient vector for all covered layers: exact damped NGD
             with the empirical Fisher of all covered parameters; reuse costs one ordinary
             backward) or "layer" (one per owning module: block-diagonal Fisher).
@@ -123,7 +145,7 @@ class FNGD(Progress, CaptureOptimizer):
     """
 
     counter_names = ("collect_steps", "fallbacks", "skipped", "nc_sum", "nc_min", "nc_max", "spread_sum",
-                     "negative_sum", "tied_approx")
+                     "tied_approx", *(f"{k}_sum" for k in DIRECTION_STATS))
 
     def __init__(
         self,
@@ -149,6 +171,7 @@ class FNGD(Progress, CaptureOptimizer):
         update: str = "sgd",
         beta2: float = 0.999,
         eps: float = 1e-8,
+        trace: str | None = None,
     ):
         check_sgd_args(lr, momentum, weight_decay, nesterov)
         check_choice("update", update, UPDATE_MODES)
@@ -158,6 +181,10 @@ class FNGD(Progress, CaptureOptimizer):
             raise OptionError("nesterov", nesterov, "is for update='sgd' (update='adamw' has no Nesterov variant)")
         check_number("damping", damping, minimum=0.0, strict=True)
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        if damping_mode == "cosine" and not damping < 1:
+            raise OptionError("damping", damping, "is a target cosine with damping_mode='cosine': it must be < 1")
+        if trace is not None and not isinstance(trace, (str, os.PathLike)):
+            raise OptionTypeError("trace", trace, "must be a file path (str) or None")
         check_choice("coefficients", coefficients, COEFFICIENT_MODES)
         check_choice("reuse", reuse, REUSE_MODES)
         check_choice("normalize", normalize, NORMALIZE_MODES)
@@ -186,6 +213,8 @@ class FNGD(Progress, CaptureOptimizer):
         self.dense_tied_limit = dense_tied_limit
         self.keep_per_sample = keep_per_sample
         self._solves_in_step = 0  # Grams drawn in the current step (seeds of their sketches)
+        self.trace = None if trace is None else os.fspath(trace)
+        self._block_grams: list[tuple[str, Tensor]] | None = None  # per-module Grams of a traced solve
 
         self.store = CoefficientStore(reuse) if reuse != "off" else None
         # host-side step counts: collect / collect_solved / reuse / reuse_weighted, in total and
@@ -194,6 +223,8 @@ class FNGD(Progress, CaptureOptimizer):
         self._epoch_start_counts: Counter[str] = Counter()
         self._logged_epoch = -1
         self._misses_warned = 0
+        self.damping_by_epoch: dict[int, float] = {}  # collect epoch -> mean damping (relative units) chosen
+        self._epoch_start_direction: dict[str, float] = {}
 
         self.schedule = EpochSchedule(reuse, collect_epochs, steps_per_epoch, refresh_every,
                                       on_epoch_end=self._end_epoch, warn=self._warn_once)
@@ -321,11 +352,14 @@ class FNGD(Progress, CaptureOptimizer):
         if self.coefficients == "network":
             budget = self.keep_per_sample
             K = None
+            self._block_grams = [] if self.trace is not None else None
             for key, reps in blocks.items():
                 size = reps[0].cache_size()
                 keep = len(reps) == 1 and 0 < size <= budget
                 budget -= size if keep else 0
                 Kb = self._block_gram(reps, keep=keep, key=key)
+                if self._block_grams is not None:
+                    self._block_grams.append(("+".join(self._rep_name(r) for r in reps), Kb.to(torch.float64) * unit))
                 K = Kb if K is None else K + Kb
             c = self._solve(K, unit, mb, NETWORK_BLOCK, share=1.0)
             for reps in blocks.values():
@@ -333,6 +367,7 @@ class FNGD(Progress, CaptureOptimizer):
             return [(n / N) * c.sum()]
         totals = []
         for key, reps in blocks.items():  # one block at a time: its per-sample gradients are dropped before the next
+            self._block_grams = None if self.trace is None else [("+".join(self._rep_name(r) for r in reps), None)]
             c = self._solve(self._block_gram(reps, keep=True, key=key), unit, mb, key, share=1.0 / len(blocks))
             _weighted(reps, w * c, out)
             totals.append((n / N) * c.sum() / len(blocks))
@@ -389,9 +424,36 @@ class FNGD(Progress, CaptureOptimizer):
     def _solve(self, K: Tensor, unit: Tensor, mb: MicroBatch, key: int, share: float) -> Tensor:
         """Coefficients in true units for a raw Gram; statistics and the store are updated here."""
         with torch.profiler.record_function("fngd.solve"):
-            c, fell_back = solve_coefficients(K.to(torch.float64) * unit, self.damping, self.damping_mode)
-        self._note_solve(c, fell_back, share)
+            K = K.to(torch.float64) * unit
+            shift = damping_shift(K, self.damping, self.damping_mode)
+            c, fell_back = solve_shifted(K, shift)
+        with torch.profiler.record_function("fngd.diagnostics"):
+            stats = direction_stats(K, shift, c, self.normalize)
+        self._note_solve(c, fell_back, share, stats)
+        if self.trace is not None:
+            self._trace_solve(K, shift, c, stats, mb)
         c = normalize_coefficients(c, self.normalize)
         if self.store is not None:  # non-finite coefficients are masked inside the store
             self.store.put(key, c, ids=mb.ids, position=mb.position)
         return c
+
+    def _rep_name(self, r: PerSampleGrads) -> str:
+        return self._module_name(r.owner) if isinstance(r.owner, nn.Module) else r.label
+
+    def _trace_solve(self, K: Tensor, shift: Tensor, c: Tensor, stats: dict[str, Tensor], mb: MicroBatch) -> None:
+        """One JSON line per solve (``trace``): the direction's diagnostics, K's spectrum, and the
+        share of |d|^2 = c^T K c that each covered module (block) holds."""
+        line: dict = {"collect_step": int(self.step_counts["collect"]), "epoch": mb.epoch, "position": mb.position,
+                      "n": K.shape[0], "shift": float(shift), "damping_mode": self.damping_mode,
+                      **{k: float(v) for k, v in stats.items()},
+                      "coef_scale": float(c.shape[0] * c.mean()),
+                      "negative_coefficients": float((c < 0).to(torch.float64).mean())}
+        line.update(spectrum(K, shift))
+        blocks = self._block_grams or []
+        if len(blocks) > 1 or (blocks and blocks[0][1] is not None):
+            total = float(c @ K @ c)
+            line["norm_share"] = {name: float(c @ Kb @ c) / total for name, Kb in blocks}
+        elif blocks:
+            line["block"] = blocks[0][0]
+        with open(self.trace, "a") as f:
+            f.write(json.dumps(line) + "\n")

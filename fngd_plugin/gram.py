@@ -26,10 +26,28 @@ gbar = U 1 / n, empirical Fisher F = U U^T / n, damping lambda > 0. The push-thr
 turns the d x d solve into an n x n one on the Gram K = U^T U. ``solve_coefficients`` is that
 identity: from a Gram (in true per-sample units) to coefficients c; ``add_weighted`` is U c.
 
-Damping modes:
-  absolute   n lambda added to K as given (lambda = ``damping``).
-  relative   n lambda = damping * trace(K) / n: damping times the mean squared per-sample gradient
+Damping modes (s = n lambda, the shift added to K's diagonal):
+  absolute   s = n * damping (lambda = ``damping``).
+  relative   s = damping * trace(K) / n: damping times the mean squared per-sample gradient
              norm, i.e. times the mean eigenvalue of K. Invariant to any rescaling of the loss.
+  top        s = damping * lambda_max(K): relative to K's largest eigenvalue (one eigvalsh of the
+             n x n Gram). Invariant to loss scaling, and bounds how much the solve can tilt the
+             direction away from the mean gradient at any batch size (below).
+  cosine     s chosen per solve: the smallest shift at which the direction's cosine with the mean
+             gradient is at least ``damping`` (a number in (0, 1)); one eigh of K gives the cosine
+             at every shift (below), so the choice costs O(n^3) once plus O(n) per candidate.
+
+Why ``top`` and ``cosine`` (docs/method.md, "Damping"): with K = Q diag(L) Q^T and b = Q^T 1, the
+mean gradient is gbar = (1/n) sum_k sqrt(L_k) b_k v_k (v_k the parameter-space singular vectors)
+and the direction is d = U c = sum_k sqrt(L_k) b_k / (L_k + s) v_k: the solve multiplies the k-th
+component of gbar by n / (L_k + s). The eigenvector that the whole batch shares (the mean
+gradient's) has the largest L_k, so weak damping shrinks it most and the direction turns toward the
+per-sample directions of the bulk (the empirical Fisher's known failure, Kunstner et al. 2019).
+The multipliers' ratio is at most (L_max + s) / s, so cos(d, gbar) >= 2 sqrt(r) / (1 + r) with
+r = (L_max + s) / s (Kantorovich); ``top`` fixes r = (1 + damping) / damping whatever n and the
+model, where ``relative``'s r = 1 + L_max / (damping trace(K) / n) grows with the batch's shared
+signal. ``cosine`` targets the cosine itself:
+    cos(s) = sum_k L_k b_k^2 / (L_k + s) / sqrt(sum_k L_k b_k^2 / (L_k + s)^2 * sum_k L_k b_k^2).
 """
 
 from __future__ import annotations
@@ -50,22 +68,67 @@ from .samplers import (
 )
 from .samplers.routes import sketch_pays
 
-DAMPING_MODES = ("relative", "absolute")
+DAMPING_MODES = ("relative", "absolute", "top", "cosine")
 NORMALIZE_MODES = ("none", "sum")
 
 
-def damping_shift(K: Tensor, damping: float, damping_mode: str) -> Tensor:
-    """The n*lambda that is added to the diagonal of K."""
+def direction_cosine(L: Tensor, b: Tensor, shifts: Tensor) -> Tensor:
+    """cos(d(s), gbar) for each shift in ``shifts`` (any shape), from K's eigenvalues ``L`` (n,)
+    and b = Q^T 1 (n,) (module docstring). NaN where gbar = 0."""
+    Lb2 = L.clamp_min(0) * b * b
+    inv = 1.0 / (L.clamp_min(0) + shifts.unsqueeze(-1))
+    num = (Lb2 * inv).sum(-1)
+    return num / ((Lb2 * inv * inv).sum(-1) * Lb2.sum()).sqrt()
+
+
+def cosine_shift(K: Tensor, target: float) -> Tensor:
+    """The smallest shift s (to a relative precision of about 2%) at which cos(d, gbar) >= target:
+    a log grid from 1e-6 to 1e6 times trace(K)/n, refined once inside the bracket it finds. The
+    cosine rises with s to 1 (all multipliers n / (L_k + s) become equal), so the first grid point
+    that meets the target brackets the answer. No host sync."""
     n = K.shape[0]
+    L, Q = torch.linalg.eigh(K)
+    b = Q.sum(0)  # Q^T 1
+    mean = (K.diagonal().sum() / n).clamp_min(torch.finfo(K.dtype).tiny)
+    grid = torch.logspace(-6, 6, 61, dtype=K.dtype, device=K.device)  # 10^0.2 apart
+    ok = direction_cosine(L, b, mean * grid) >= target
+    # the first grid point that meets the target (the last one if none does: cos -> 1 beyond it)
+    first = torch.where(ok.any(), ok.to(torch.int64).argmax(), torch.tensor(len(grid) - 1, device=K.device))
+    lo = grid[(first - 1).clamp_min(0)]
+    fine = lo * torch.logspace(0, 0.2, 11, dtype=K.dtype, device=K.device)  # 10^0.02 apart
+    ok = direction_cosine(L, b, mean * fine) >= target
+    pick = torch.where(ok.any(), ok.to(torch.int64).argmax(), torch.tensor(len(fine) - 1, device=K.device))
+    return torch.where(first == 0, mean * grid[0], mean * fine[pick])
+
+
+def damping_shift(K: Tensor, damping: float, damping_mode: str) -> Tensor:
+    """The shift s = n*lambda that is added to the diagonal of K (module docstring)."""
+    n = K.shape[0]
+    if damping_mode in ("top", "cosine"):  # a non-finite K gives a non-finite c later, not an eigh error here
+        K = torch.where(torch.isfinite(K), K, 0.0)
     if damping_mode == "absolute":
         return K.new_tensor(n * damping)
     if damping_mode == "relative":
         return damping * K.diagonal().sum() / n
+    if damping_mode == "top":
+        return damping * torch.linalg.eigvalsh(K)[-1].clamp_min(0)
+    if damping_mode == "cosine":
+        if not 0 < damping < 1:
+            raise ValueError(f"damping={damping!r} with damping_mode='cosine' is a target cosine; "
+                             "allowed: 0 < damping < 1")
+        return cosine_shift(K, damping)
     raise ValueError(f"damping_mode={damping_mode!r}; allowed: {DAMPING_MODES}")
 
 
 def solve_coefficients(K: Tensor, damping: float, damping_mode: str = "relative") -> tuple[Tensor, Tensor]:
-    """c = (K + n lambda I)^-1 1 by Cholesky, without a host sync.
+    """c = (K + n lambda I)^-1 1 by Cholesky, without a host sync: ``solve_shifted`` at the shift
+    that ``damping_mode`` gives. Returns ``(c, fell_back)``."""
+    K64 = K.to(torch.float64)
+    return solve_shifted(K64, damping_shift(K64, damping, damping_mode))
+
+
+def solve_shifted(K: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """c = (K + shift I)^-1 1 by Cholesky, without a host sync.
 
     Returns ``(c, fell_back)``. ``K`` is solved in float64 whatever its dtype. If the Cholesky
     factorisation fails (a numerically singular K), it is retried with jitter; if that fails too,
@@ -74,9 +137,8 @@ def solve_coefficients(K: Tensor, damping: float, damping_mode: str = "relative"
     """
     n = K.shape[0]
     K64 = K.to(torch.float64)
-    shift = damping_shift(K64, damping, damping_mode)
     eye = torch.eye(n, dtype=torch.float64, device=K.device)
-    A = K64 + shift * eye
+    A = K64 + shift.to(torch.float64) * eye
     ones = torch.ones(n, 1, dtype=torch.float64, device=K.device)
     L, info = torch.linalg.cholesky_ex(A)
     c = torch.cholesky_solve(ones, L).squeeze(1)

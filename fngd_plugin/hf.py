@@ -93,7 +93,8 @@ def counters(opt: CaptureOptimizer) -> dict[str, float]:
     if isinstance(steps, dict):  # FNGD
         out.update({f"{tag}/{k}_steps": v for k, v in steps.items()})
         out[f"{tag}/coef_scale_mean"] = s["coef_scale_mean"]
-        out[f"{tag}/coef_negative_share"] = s["coef_negative_share"]
+        for k in ("ascent_share", "direction_cosine", "decrease_vs_sgd", "coef_ess_share", "damping_relative"):
+            out[f"{tag}/{k}"] = s[k]
         out[f"{tag}/solve_fallbacks"] = s["solve_fallbacks"]
     else:  # KFAC
         out.update({f"{tag}/{k}": s[k] for k in ("steps", "layers", "factor_updates", "inverse_updates")})

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .capture import MicroBatch
+from .diagnostics import DIRECTION_STATS
 from .schedule import EpochSchedule
 from .store import CoefficientStore
 
@@ -36,6 +37,8 @@ class Progress:
     _ignore_next: bool
     _logged_epoch: int
     _misses_warned: int
+    damping_by_epoch: dict[int, float]
+    _epoch_start_direction: dict[str, float]
 
     def set_sample_ids(self, ids: Tensor | Iterable[int]) -> None:
         """Ids of the samples in the next forward's batch (reuse="sample"; also detects epochs)."""
@@ -97,8 +100,16 @@ class Progress:
             "coef_scale_min": c["nc_min"],
             "coef_scale_max": c["nc_max"],
             "coef_spread_mean": c["spread_sum"] / steps,
-            # the share of sum |c| that is negative: the step ascends on those samples' losses
-            "coef_negative_share": c["negative_sum"] / steps,
+            # what the collect steps' directions did (diagnostics.py), means over solves: the share
+            # of samples whose loss rose to first order along the step, the cosine with the mean
+            # gradient, the first-order decrease per unit lr relative to SGD's, the effective sample
+            # size of c (share of n), and the damping chosen in relative-mode units
+            "ascent_share": c["ascent_sum"] / steps,
+            "direction_cosine": c["cosine_sum"] / steps,
+            "decrease_vs_sgd": c["decrease_sum"] / steps,
+            "coef_ess_share": c["ess_sum"] / steps,
+            "damping_relative": c["damping_sum"] / steps,
+            "damping_by_epoch": dict(self.damping_by_epoch),
             "stored": 0 if self.store is None else len(self.store),
             "store_misses": 0 if self.store is None else int(self.store.misses),
             "root_mismatches": self._capture.root_mismatch,
@@ -114,10 +125,27 @@ class Progress:
         d = self.step_counts - self._epoch_start_counts
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.unpreconditioned.items())) or "none"
         misses = 0 if self.store is None else int(self.store.misses)
-        return (f"FNGD epoch {self.schedule.current}: {d['collect_solved']}/{d['collect']} collect steps solved, "
+        line = (f"FNGD epoch {self.schedule.current}: {d['collect_solved']}/{d['collect']} collect steps solved, "
                 f"{d['reuse_weighted']}/{d['reuse']} reuse steps reweighted; reuse misses (samples) {misses}; "
                 f"not preconditioned (all epochs): {causes}; batches discarded by the host: "
                 f"{self.discarded_batches}")
+        e = self._epoch_direction()
+        if e is not None:
+            line += (f"; solves {e['solves']:.0f}: damping (relative units) {e['damping']:.3g}, direction cosine "
+                     f"with the mean gradient {e['cosine']:.3f}, decrease vs SGD {e['decrease']:.3g}, samples "
+                     f"ascending {100 * e['ascent']:.1f}%, coefficient ESS {100 * e['ess']:.1f}% of n")
+        return line
+
+    def _epoch_direction(self) -> dict[str, float] | None:
+        """Means of the direction statistics over this epoch's solves (None: it solved nothing)."""
+        keys = ["collect_steps", *(f"{k}_sum" for k in DIRECTION_STATS)]
+        now = {k: float(self._counters[k]) for k in keys}
+        start = self._epoch_start_direction
+        solves = now["collect_steps"] - start.get("collect_steps", 0.0)
+        if solves <= 0:
+            return None
+        return {"solves": solves, **{k: (now[f"{k}_sum"] - start.get(f"{k}_sum", 0.0)) / solves
+                                     for k in DIRECTION_STATS}}
 
     def _note_step(self, taken: list[MicroBatch], cause: str | None) -> None:
         collect = any(mb.collect for mb in taken) if taken else self.in_collect_phase
@@ -141,6 +169,8 @@ class Progress:
             "epoch_start_counts": dict(self._epoch_start_counts),
             "unpreconditioned": dict(self.unpreconditioned),
             "discarded_batches": self.discarded_batches,
+            "damping_by_epoch": dict(self.damping_by_epoch),
+            "epoch_start_direction": dict(self._epoch_start_direction),
         }
         return sd
 
@@ -157,6 +187,8 @@ class Progress:
         self._epoch_start_counts = Counter(extra.get("epoch_start_counts", {}))
         self.unpreconditioned = Counter(extra.get("unpreconditioned", {}))
         self.discarded_batches = int(extra.get("discarded_batches", 0))
+        self.damping_by_epoch = {int(k): float(v) for k, v in extra.get("damping_by_epoch", {}).items()}
+        self._epoch_start_direction = dict(extra.get("epoch_start_direction", {}))
         if self.store is not None and extra["store"] is not None:
             self.store.load_state_dict(extra["store"])
 
@@ -177,24 +209,30 @@ class Progress:
 
     def _end_epoch(self, epoch: int) -> None:
         self.log_epoch()
+        e = self._epoch_direction()
+        if e is not None:
+            self.damping_by_epoch[epoch] = e["damping"]
         self._epoch_start_counts = Counter(self.step_counts)
+        self._epoch_start_direction = {k: float(self._counters[k])
+                                       for k in ["collect_steps", *(f"{k}_sum" for k in DIRECTION_STATS)]}
         if not self.schedule.is_collect(epoch):
             return
         s = self.stats()
         logger.info(
             "FNGD: collect epoch %d done: %d solves, coefficient scale n*c mean %.3g (min %.3g, max %.3g), "
-            "spread std(c)/mean(c) %.3g, negative coefficients %.1f%% of sum |c|, %d solve fallbacks, "
+            "spread std(c)/mean(c) %.3g, samples ascending %.1f%%, direction cosine %.3f, %d solve fallbacks, "
             "%d skipped steps, %d coefficients stored",
             epoch, s["collect_steps"], s["coef_scale_mean"], s["coef_scale_min"], s["coef_scale_max"],
-            s["coef_spread_mean"], 100 * s["coef_negative_share"],
+            s["coef_spread_mean"], 100 * s["ascent_share"], s["direction_cosine"],
             s["solve_fallbacks"], s["skipped_steps"], s["stored"],
         )
         if s["solve_fallbacks"]:
             self._warn_once("fallback", f"FNGD: {s['solve_fallbacks']} Cholesky solves failed and fell back to "
                             "a diagonal solve; consider a larger damping")
 
-    def _note_solve(self, c: Tensor, fell_back: Tensor, share: float) -> None:
-        """Statistics of one solve's coefficients (``share``: its weight in the step's mean)."""
+    def _note_solve(self, c: Tensor, fell_back: Tensor, share: float, direction: dict[str, Tensor]) -> None:
+        """Statistics of one solve's coefficients (``share``: its weight in the step's mean;
+        ``direction``: diagnostics.direction_stats of the solve)."""
         self._add("fallbacks", fell_back.to(torch.float64))
         # n * mean(c) is 1/lambda-like (large = weak damping); std(c)/mean(c) is how far the
         # weighting is from plain averaging
@@ -202,7 +240,8 @@ class Progress:
         finite = torch.isfinite(nc)
         self._add("nc_sum", torch.where(finite, nc, 0.0) * share)
         self._add("spread_sum", torch.where(finite, c.std() / c.mean(), 0.0) * share)
-        self._add("negative_sum", torch.where(finite, c.clamp_max(0).abs().sum() / c.abs().sum(), 0.0) * share)
+        for k, v in direction.items():
+            self._add(f"{k}_sum", torch.where(torch.isfinite(v), v, 0.0) * share)
         lo, hi = self._counters["nc_min"].to(c.device), self._counters["nc_max"].to(c.device)
         self._counters["nc_min"] = torch.where(finite, torch.minimum(lo, nc), lo)
         self._counters["nc_max"] = torch.where(finite, torch.maximum(hi, nc), hi)

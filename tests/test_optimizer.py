@@ -3,6 +3,7 @@
 import copy
 import gc
 import io
+import json
 import math
 
 import pytest
@@ -470,33 +471,164 @@ def test_bad_update_options(kw, match):
         FNGD.check_options(lr=0.1, **kw)
 
 
-# ------------------------------------------------------------------------------ coefficient signs
+# ------------------------------------------------------------------------------ what the direction does
+def _brute_direction_stats(U: torch.Tensor, lam: float, normalize: str) -> dict:
+    """From per-sample gradients U (n, d) and an explicit d x d solve: the applied step's
+    first-order effect on each sample's loss, its cosine with gbar, its decrease vs SGD."""
+    n, d = U.shape
+    direction = torch.linalg.solve(U.T @ U / n + lam * torch.eye(d, dtype=U.dtype), U.mean(0))
+    c = torch.linalg.lstsq(U.T, direction.unsqueeze(1)).solution.squeeze(1)  # direction = U^T c
+    assert torch.allclose(U.T @ c, direction, atol=1e-8)
+    step = direction / c.sum() if normalize == "sum" else direction
+    gbar = U.mean(0)
+    per_sample = U @ step  # first-order rate of fall of each sample's loss along the step
+    return {"ascent_share": float((per_sample < 0).double().mean()),
+            "direction_cosine": float(step @ gbar / (step.norm() * gbar.norm())),
+            "decrease_vs_sgd": float(gbar @ step / (gbar @ gbar)),
+            "coef_ess_share": float(c.sum() ** 2 / (n * (c * c).sum())),
+            "negative": float((c < 0).double().mean()), "per_sample": per_sample, "c": c, "step": step}
+
+
+@pytest.mark.parametrize("normalize", ["none", "sum"])
 @pytest.mark.parametrize("damping", [1e-3, 10.0])
-def test_negative_coefficient_share_matches_the_d_by_d_direction(f64, damping):
-    """stats()["coef_negative_share"] is the share of sum |c| that is negative, for the c with
-    U^T c = (F + lambda I)^-1 gbar: here c is recovered from the d x d solve by least squares, not
-    from FNGD's n x n identity. Small damping makes many coefficients negative (the step ascends
-    on those samples' losses); large damping makes them all positive."""
+def test_direction_statistics_match_brute_force(f64, damping, normalize):
+    """stats()'s ascent share, cosine with the mean gradient, decrease vs SGD and effective sample
+    size equal what torch.func per-sample gradients and a d x d solve give for the step FNGD applied
+    (measured as the parameter change), and g_j . d = 1 - n lambda c_j. A negative coefficient is
+    not ascent: at small damping many coefficients are negative while no sample's loss rises."""
     model = MODELS["mlp"]()
     (x, y), loss_one = model.batch(12)
     gs = per_sample_grads(model, loss_one, x, y)
     names = [k for k, _ in model.named_parameters()]
     U = torch.cat([gs[k].reshape(12, -1) for k in names], dim=1)  # (n, d), d > n
-    n, d = U.shape
-    direction = torch.linalg.solve(U.T @ U / n + damping * torch.eye(d), U.mean(0))
-    c = torch.linalg.lstsq(U.T, direction.unsqueeze(1)).solution.squeeze(1)
-    assert torch.allclose(U.T @ c, direction, atol=1e-8)  # the direction lies in the span
-    want = float(c.clamp_max(0).abs().sum() / c.abs().sum())
+    n = U.shape[0]
+    want = _brute_direction_stats(U, damping, normalize)
+    # the identity the diagnostic rests on, from the d x d side: g_j . d = 1 - n lambda c_j
+    raw = U @ (U.T @ want["c"])
+    assert torch.allclose(raw, 1 - n * damping * want["c"], atol=1e-8)
 
-    opt = FNGD(model.parameters(), lr=0.1, damping=damping, damping_mode="absolute", normalize="none",
-               reuse="off")
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, damping=damping, damping_mode="absolute",
+               normalize=normalize, reuse="off")
     train(model, opt, [(x, y)])
-    got = opt.stats()["coef_negative_share"]
-    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    moved = before - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(moved, want["step"], rtol=1e-7, atol=1e-10)  # the step the statistics describe
+    s = opt.stats()
+    for k in ("ascent_share", "direction_cosine", "decrease_vs_sgd", "coef_ess_share"):
+        assert s[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), k
+    assert s["damping_relative"] == pytest.approx(n * n * damping / float((U * U).sum()), rel=1e-9)
     if damping < 1:
-        assert want > 0.05  # the case this test is about: a direction that ascends on some samples
+        assert want["negative"] > 0.1 and s["ascent_share"] == 0.0  # negative c, yet every loss falls
     else:
-        assert want == 0.0
+        assert s["direction_cosine"] > 0.99  # heavy damping: the mean gradient's direction
+
+
+def test_ascent_share_counts_samples_whose_loss_rises(f64):
+    """Labels that conflict (two copies of each input with different targets) make the damped step
+    raise some samples' losses: the share stats() reports is the share whose loss rises to first
+    order, and a tiny step (lr 1e-6) raises exactly those samples' losses in the model itself."""
+    model = MODELS["mlp"]()
+    (x, y), loss_one = model.batch(8)
+    x = torch.cat([x, x])
+    y = torch.cat([y, (y + 1) % int(y.max() + 1)])
+    gs = per_sample_grads(model, loss_one, x, y)
+    U = torch.cat([gs[k].reshape(16, -1) for k, _ in model.named_parameters()], dim=1)
+    want = _brute_direction_stats(U, 10.0, "sum")
+    assert 0 < want["ascent_share"] < 1
+    per_loss = torch.func.vmap(lambda xi, yi: loss_one(model(xi.unsqueeze(0)), yi.unsqueeze(0)))
+    with torch.no_grad():
+        l0 = per_loss(x, y)
+    opt = FNGD(model.parameters(), lr=1e-6, momentum=0.0, damping=10.0, damping_mode="absolute", reuse="off")
+    train(model, opt, [(x, y)])
+    with torch.no_grad():
+        rose = per_loss(x, y) > l0
+    assert opt.stats()["ascent_share"] == pytest.approx(float(rose.double().mean()))
+    assert torch.equal(rose, want["per_sample"] < 0)
+
+
+@pytest.mark.parametrize("mode,damping", [("top", 0.3), ("cosine", 0.7)])
+def test_spectral_damping_modes_are_damped_ngd_at_the_shift_they_define(f64, mode, damping):
+    """top: n lambda = damping * lambda_max(K); cosine: the smallest n lambda (within the grid's 2%)
+    at which cos(d, gbar) >= damping. Both checked against the d x d solve at that lambda, from
+    torch.func per-sample gradients; stats()['damping_by_epoch'] reports the choice per epoch."""
+    model = MODELS["mlp"]()
+    (x, y), loss_one = model.batch(12)
+    gs = per_sample_grads(model, loss_one, x, y)
+    U = torch.cat([gs[k].reshape(12, -1) for k, _ in model.named_parameters()], dim=1)
+    n = U.shape[0]
+    K = U @ U.T
+    trace_K = float(K.trace())
+
+    def cos_at(lam: float) -> float:
+        return _brute_direction_stats(U, lam, "none")["direction_cosine"]
+
+    if mode == "top":
+        lam = damping * float(torch.linalg.eigvalsh(K)[-1]) / n
+        r = (1 + damping) / damping
+        assert cos_at(lam) >= 2 * r**0.5 / (1 + r) - 1e-12  # the size-free bound of the docstring
+    else:
+        lo, hi = 1e-12, 1e6 * trace_K / n**2  # bisection on the brute-force cosine
+        for _ in range(200):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (lo, mid) if cos_at(mid) >= damping else (mid, hi)
+        lam = hi
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, damping=damping, damping_mode=mode, normalize="none",
+               reuse="off", steps_per_epoch=1)
+    train(model, opt, [(x, y)])
+    moved = before - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    chosen = opt.stats()["damping_relative"] * trace_K / n**2  # back to lambda
+    if mode == "top":
+        assert chosen == pytest.approx(lam, rel=1e-9)
+        assert torch.allclose(moved, _brute_direction_stats(U, lam, "none")["step"], rtol=1e-7, atol=1e-10)
+    else:
+        assert lam <= chosen <= lam * 10**0.021  # the smallest grid point at or above the exact one
+        assert opt.stats()["direction_cosine"] >= damping
+        assert torch.allclose(moved, _brute_direction_stats(U, chosen, "none")["step"], rtol=1e-7, atol=1e-10)
+    train(model, opt, [(x, y)])  # the second epoch starts: the first one's choice is recorded
+    assert opt.stats()["damping_by_epoch"][0] == pytest.approx(opt.stats()["damping_relative"], rel=0.5)
+    assert 0 in opt.stats()["damping_by_epoch"]
+
+
+def test_cosine_damping_needs_a_cosine_below_one():
+    model = MODELS["mlp"]()
+    with pytest.raises(ValueError, match=r"damping=1.5 is a target cosine with damping_mode='cosine'"):
+        FNGD(model.parameters(), damping=1.5, damping_mode="cosine")
+    with pytest.raises(ValueError, match="damping_mode='spectral' is not supported; allowed: 'relative', "
+                                         "'absolute', 'top', 'cosine'"):
+        FNGD(model.parameters(), damping_mode="spectral")
+
+
+def test_trace_writes_one_line_per_solve(f64, tmp_path):
+    """trace=PATH: one JSON line per solve, whose numbers are stats()'s and whose module shares of
+    |d|^2 sum to 1 and equal the brute-force split of the direction over the two Linear layers."""
+    model = MODELS["mlp"]()
+    (x, y), loss_one = model.batch(12)
+    gs = per_sample_grads(model, loss_one, x, y)
+    names = [k for k, _ in model.named_parameters()]
+    U = torch.cat([gs[k].reshape(12, -1) for k in names], dim=1)
+    step = _brute_direction_stats(U, 0.01, "none")["step"]
+    path = tmp_path / "trace.jsonl"
+    opt = FNGD(model.parameters(), lr=1.0, momentum=0.0, damping=0.01, damping_mode="absolute", normalize="none",
+               reuse="off", trace=str(path))
+    train(model, opt, [(x, y)])
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["cosine"] == pytest.approx(opt.stats()["direction_cosine"], rel=1e-12)
+    assert sum(line["norm_share"].values()) == pytest.approx(1.0)
+    offsets, i = {}, 0
+    for k in names:
+        offsets[k] = slice(i, i + gs[k][0].numel())
+        i += gs[k][0].numel()
+    modules = dict(model.named_modules())
+    for name, share in line["norm_share"].items():
+        mod = name.split("'")[1]
+        part = torch.cat([step[offsets[k]] for k in names if k.rsplit(".", 1)[0] == mod])
+        assert share == pytest.approx(float(part @ part / (step @ step)), rel=1e-6), name
+        assert mod in modules
+    assert 0 < line["top_share"] <= 1 and line["condition"] >= 1
+    assert set(line["cosine_at_relative"]) == {"0.01", "0.1", "1.0", "10.0", "100.0"}
 
 
 def test_checkpoint_without_a_newer_counter_still_loads():
@@ -506,9 +638,9 @@ def test_checkpoint_without_a_newer_counter_still_loads():
     (x, y), _ = model.batch(4)
     train(model, opt, [(x, y)])
     sd = opt.state_dict()
-    del sd["fngd"]["counters"]["negative_sum"]
+    del sd["fngd"]["counters"]["cosine_sum"]
     again = FNGD(model.parameters(), lr=0.1, reuse="off")
     again.load_state_dict(sd)
-    assert again.stats()["coef_negative_share"] == 0.0
+    assert again.stats()["direction_cosine"] == 0.0
     train(model, again, [(x, y)])  # and counts on from there
-    assert again.stats()["collect_steps"] == 2 and math.isfinite(again.stats()["coef_negative_share"])
+    assert again.stats()["collect_steps"] == 2 and 0 < again.stats()["direction_cosine"] <= 0.5 + 1e-12

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ class PerSampleGrads:
     n: int
     # the owning module's type name (set by the optimizer; names the phases in profiler traces)
     label: str = "?"
+    owner: Any = None  # the module (set by the optimizer with the label)
     # per-sample gradients materialised by gram(keep=True), reused by weighted(); None otherwise
     _cache: list[Tensor] | None = None
 
