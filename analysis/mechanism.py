@@ -40,7 +40,11 @@ def load_traces(dirs: list[Path]) -> pd.DataFrame:
         for trace in sorted(Path(d).rglob("trace.jsonl")):
             run = trace.parent
             record = json.loads((run / "record.json").read_text()) if (run / "record.json").exists() else {}
-            label = record.get("run", run.name)
+            hp = record.get("hparams") or {}
+            label = " ".join(str(x) for x in (
+                record.get("task", "?"), record.get("optimizer", "?"), hp.get("fngd_update", ""),
+                hp.get("damping_mode", "relative") if "damping" in hp else "", hp.get("damping", ""),
+                f"s{record['seed']}" if "seed" in record else "") if x != "") or run.name
             final = record.get("final") or {}
             for i, text in enumerate(trace.read_text().splitlines()):
                 line = json.loads(text)
@@ -79,7 +83,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
     panels = [("cosine", "cos(direction, mean gradient)"), ("decrease", "first-order decrease / SGD's"),
               ("top_over_shift", "lambda_max(K) / damping shift"), ("ascent", "share of sentences ascending")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0))
     for ax, (col, title) in zip(axes, panels):
         for run, g in df.groupby("run"):
             smooth = g[col].rolling(9, min_periods=1, center=True).median()
@@ -88,8 +92,9 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("fraction of the collect epoch", fontsize=8)
         if col == "top_over_shift":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 4))
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -317,6 +317,9 @@ class FNGD(Progress, CaptureOptimizer):
                 for reps in blocks.values():
                     add_weighted(reps, torch.zeros(n, dtype=torch.float64, device=kappa.device), out)
                 continue
+            if mb.ids is not None and mb.ids.numel() != n:
+                raise ValueError(f"set_sample_ids got {mb.ids.numel()} ids but the model output has batch size {n}: "
+                                 "give one id per sample of the next forward")
             looked = self._look_up(mb, blocks, n, kappa.device)
             if looked is None:
                 totals += self._collect_step(mb, blocks, n, N, kappa, out)

@@ -644,3 +644,16 @@ def test_checkpoint_without_a_newer_counter_still_loads():
     assert again.stats()["direction_cosine"] == 0.0
     train(model, again, [(x, y)])  # and counts on from there
     assert again.stats()["collect_steps"] == 2 and 0 < again.stats()["direction_cosine"] <= 0.5 + 1e-12
+
+
+@pytest.mark.parametrize("reuse,coefficients", [("sample", "network"), ("sample", "layer")])
+def test_wrong_number_of_sample_ids_is_named_in_a_collect_step(reuse, coefficients):
+    """A collect step given 10 ids for a batch of 16 refuses with the counts, not a shape error."""
+    model = MODELS["mlp"]()
+    opt = FNGD(model.parameters(), lr=0.1, reuse=reuse, coefficients=coefficients)
+    (x, y), _ = model.batch(16)
+    opt.set_sample_ids(torch.arange(10))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="set_sample_ids got 10 ids but the model output has batch size 16"):
+        opt.step()
