@@ -29,6 +29,8 @@ shifts would have given (``direction_cosine``).
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor
 
@@ -74,3 +76,22 @@ def spectrum(K: Tensor, shift: Tensor, relative: tuple[float, ...] = (0.01, 0.1,
         "ones_on_top": float(b[-1] ** 2 / n),
         "cosine_at_relative": {str(r): float(v) for r, v in zip(relative, cos)},
     }
+
+
+def write_trace(path: str, line: dict, K: Tensor, shift: Tensor, c: Tensor, stats: dict[str, Tensor],
+                blocks: list[tuple[str, Tensor | None]]) -> None:
+    """Append one solve's JSON line to ``path`` (``FNGD(trace=...)``): ``line`` (where it is), the
+    direction statistics, K's spectrum, and the share of |d|^2 = c^T K c that each covered module
+    (block: its name and Gram, true units) holds; a per-module solve (``blocks`` of one, no Gram)
+    names its block."""
+    line = {**line, "n": K.shape[0], "shift": float(shift), **{k: float(v) for k, v in stats.items()},
+            "coef_scale": float(c.shape[0] * c.mean()),
+            "negative_coefficients": float((c < 0).to(torch.float64).mean())}
+    line.update(spectrum(K, shift))
+    if len(blocks) > 1 or (blocks and blocks[0][1] is not None):
+        total = float(c @ K @ c)
+        line["norm_share"] = {name: float(c @ Kb @ c) / total for name, Kb in blocks if Kb is not None}
+    elif blocks:
+        line["block"] = blocks[0][0]
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")

@@ -34,7 +34,6 @@ everything else, because the weighting is applied at the model output.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -46,18 +45,13 @@ from torch import Tensor, nn
 
 from .base import CaptureOptimizer
 from .capture import MicroBatch
-from .diagnostics import DIRECTION_STATS, direction_stats, spectrum
+from .diagnostics import DIRECTION_STATS
 from .distributed import all_reduce_mean
 from .gram import (
-    DAMPING_MODES,
-    NORMALIZE_MODES,
     add_weighted,
     block_gram,
-    damping_shift,
-    normalize_coefficients,
-    solve_shifted,
 )
-from .options import OptionError, OptionTypeError, check_choice, check_flag, check_number, check_sgd_args
+from .options import check_fngd_args
 from .progress import Progress
 from .samplers import PerSampleGrads, override_base, post_reason, unsupported_reason
 from .schedule import EpochSchedule
@@ -65,9 +59,6 @@ from .store import CoefficientStore
 
 logger = logging.getLogger("fngd_plugin")
 
-COEFFICIENT_MODES = ("network", "layer")
-REUSE_MODES = ("position", "sample", "off")
-UPDATE_MODES = ("sgd", "adamw")
 NETWORK_BLOCK = -1
 
 
@@ -96,19 +87,11 @@ class FNGD(Progress, CaptureOptimizer):
             "adamw" (beyond the paper: the direction is AdamW's gradient input, with beta1 =
             ``momentum``, ``beta2`` and ``eps``; the same arithmetic as torch.optim.AdamW).
         beta2, eps: AdamW's second-moment decay in [0, 1) and denominator epsilon > 0 (update="adamw").
-        damping: lambda > 0; its meaning depends on ``damping_mode`` (with "cosine": the target
-            cosine, in (0, 1)).
-        damping_mode: "relative" (n lambda = damping * trace(K) / n: scale-free), "absolute",
-            "top" (n lambda = damping * lambda_max(K): scale-free, and the direction's cosine with
-            the mean gradient is at least 2 sqrt(r) / (1 + r), r = (1 + damping) / damping, at any
-            batch size) or "cosine" (n lambda chosen per solve: the smallest at which the
-            direction's cosine with the mean gradient is at least ``damping``). gram.py derives
-            them; ``stats()["damping_by_epoch"]`` reports what each epoch's solves chose.
-        trace: optional path of a JSON-lines file that gets one line per solve: the direction's
-            diagnostics (``diagnostics.py``: ascent share, cosine with the mean gradient,
-            decrease relative to SGD, effective sample size, damping), K's spectrum and how the
-            direction's squared norm splits over the covered modules. It syncs with the device
-            once per solve: for diagnosis, not for production runs.
+        damping: lambda > 0, read by ``damping_mode`` ("cosine": a target cosine in (0, 1)).
+        damping_mode: "relative" (n lambda = damping * trace(K) / n), "absolute", "top" (n lambda =
+            damping * lambda_max(K)) or "cosine" (per solve, the smallest n lambda at which the
+            direction's cosine with the mean gradient reaches ``damping``); gram.py derives them.
+        trace: optional path of a JSON-lines file, one line per solve (diagnostics.py; syncs).
         coefficients: "network" (one coefficient vector for all covered layers: exact damped NGD
             with the empirical Fisher of all covered parameters; reuse costs one ordinary
             backward) or "layer" (one per owning module: block-diagonal Fisher).
@@ -173,30 +156,13 @@ class FNGD(Progress, CaptureOptimizer):
         eps: float = 1e-8,
         trace: str | None = None,
     ):
-        check_sgd_args(lr, momentum, weight_decay, nesterov)
-        check_choice("update", update, UPDATE_MODES)
-        check_number("beta2", beta2, minimum=0.0, below=1)
-        check_number("eps", eps, minimum=0.0, strict=True)
-        if update == "adamw" and nesterov:
-            raise OptionError("nesterov", nesterov, "is for update='sgd' (update='adamw' has no Nesterov variant)")
-        check_number("damping", damping, minimum=0.0, strict=True)
-        check_choice("damping_mode", damping_mode, DAMPING_MODES)
-        if damping_mode == "cosine" and not damping < 1:
-            raise OptionError("damping", damping, "is a target cosine with damping_mode='cosine': it must be < 1")
-        if trace is not None and not isinstance(trace, (str, os.PathLike)):
-            raise OptionTypeError("trace", trace, "must be a file path (str) or None")
-        check_choice("coefficients", coefficients, COEFFICIENT_MODES)
-        check_choice("reuse", reuse, REUSE_MODES)
-        check_choice("normalize", normalize, NORMALIZE_MODES)
-        check_number("collect_epochs", collect_epochs, minimum=1, integer=True)
-        check_number("steps_per_epoch", steps_per_epoch, minimum=1, integer=True, optional=True)
-        check_number("max_update_norm", max_update_norm, minimum=0.0, strict=True, optional=True)
-        check_number("refresh_every", refresh_every, minimum=1, integer=True, optional=True)
-        check_number("dense_tied_limit", dense_tied_limit, minimum=0, integer=True)
-        check_number("keep_per_sample", keep_per_sample, minimum=0, integer=True)
-        check_flag("generic_fallback", generic_fallback)
-        check_flag("compact", compact)
-        check_number("sketch", sketch, minimum=1, integer=True, optional=True)
+        check_fngd_args(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, update=update,
+                        beta2=beta2, eps=eps, damping=damping, damping_mode=damping_mode, trace=trace,
+                        coefficients=coefficients, reuse=reuse, normalize=normalize, collect_epochs=collect_epochs,
+                        steps_per_epoch=steps_per_epoch, max_update_norm=max_update_norm,
+                        refresh_every=refresh_every, dense_tied_limit=dense_tied_limit,
+                        keep_per_sample=keep_per_sample, generic_fallback=generic_fallback, compact=compact,
+                        sketch=sketch)
         self.generic_fallback = generic_fallback  # read by the coverage report in super().__init__
         self.compact = compact  # and this by the capture it builds
         self.sketch = sketch
@@ -423,40 +389,3 @@ class FNGD(Progress, CaptureOptimizer):
             return None if c is None else dict.fromkeys(blocks, c)
         looked = {k: self.store.get(k, n, ids=mb.ids, position=mb.position, device=device) for k in blocks}
         return None if any(v is None for v in looked.values()) else looked  # type: ignore[return-value]
-
-    def _solve(self, K: Tensor, unit: Tensor, mb: MicroBatch, key: int, share: float) -> Tensor:
-        """Coefficients in true units for a raw Gram; statistics and the store are updated here."""
-        with torch.profiler.record_function("fngd.solve"):
-            K = K.to(torch.float64) * unit
-            shift = damping_shift(K, self.damping, self.damping_mode)
-            c, fell_back = solve_shifted(K, shift)
-        with torch.profiler.record_function("fngd.diagnostics"):
-            stats = direction_stats(K, shift, c, self.normalize)
-        self._note_solve(c, fell_back, share, stats)
-        if self.trace is not None:
-            self._trace_solve(K, shift, c, stats, mb)
-        c = normalize_coefficients(c, self.normalize)
-        if self.store is not None:  # non-finite coefficients are masked inside the store
-            self.store.put(key, c, ids=mb.ids, position=mb.position)
-        return c
-
-    def _rep_name(self, r: PerSampleGrads) -> str:
-        return self._module_name(r.owner) if isinstance(r.owner, nn.Module) else r.label
-
-    def _trace_solve(self, K: Tensor, shift: Tensor, c: Tensor, stats: dict[str, Tensor], mb: MicroBatch) -> None:
-        """One JSON line per solve (``trace``): the direction's diagnostics, K's spectrum, and the
-        share of |d|^2 = c^T K c that each covered module (block) holds."""
-        line: dict = {"collect_step": int(self.step_counts["collect"]), "epoch": mb.epoch, "position": mb.position,
-                      "n": K.shape[0], "shift": float(shift), "damping_mode": self.damping_mode,
-                      **{k: float(v) for k, v in stats.items()},
-                      "coef_scale": float(c.shape[0] * c.mean()),
-                      "negative_coefficients": float((c < 0).to(torch.float64).mean())}
-        line.update(spectrum(K, shift))
-        blocks = self._block_grams or []
-        if len(blocks) > 1 or (blocks and blocks[0][1] is not None):
-            total = float(c @ K @ c)
-            line["norm_share"] = {name: float(c @ Kb @ c) / total for name, Kb in blocks}
-        elif blocks:
-            line["block"] = blocks[0][0]
-        with open(self.trace, "a") as f:
-            f.write(json.dumps(line) + "\n")

@@ -14,10 +14,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .capture import MicroBatch
-from .diagnostics import DIRECTION_STATS
+from .diagnostics import DIRECTION_STATS, direction_stats, write_trace
+from .gram import damping_shift, normalize_coefficients, solve_shifted
+from .samplers import PerSampleGrads
 from .schedule import EpochSchedule
 from .store import CoefficientStore
 
@@ -245,3 +247,25 @@ class Progress:
         lo, hi = self._counters["nc_min"].to(c.device), self._counters["nc_max"].to(c.device)
         self._counters["nc_min"] = torch.where(finite, torch.minimum(lo, nc), lo)
         self._counters["nc_max"] = torch.where(finite, torch.maximum(hi, nc), hi)
+
+    # ------------------------------------------------------------------ the solve, and what it records
+    def _solve(self, K: Tensor, unit: Tensor, mb: MicroBatch, key: int, share: float) -> Tensor:
+        """Coefficients in true units for a raw Gram; statistics and the store are updated here."""
+        with torch.profiler.record_function("fngd.solve"):
+            K = K.to(torch.float64) * unit
+            shift = damping_shift(K, self.damping, self.damping_mode)
+            c, fell_back = solve_shifted(K, shift)
+        with torch.profiler.record_function("fngd.diagnostics"):
+            stats = direction_stats(K, shift, c, self.normalize)
+        self._note_solve(c, fell_back, share, stats)
+        if self.trace is not None:
+            line = {"collect_step": int(self.step_counts["collect"]), "epoch": mb.epoch, "position": mb.position,
+                    "damping_mode": self.damping_mode}
+            write_trace(self.trace, line, K, shift, c, stats, self._block_grams or [])
+        c = normalize_coefficients(c, self.normalize)
+        if self.store is not None:  # non-finite coefficients are masked inside the store
+            self.store.put(key, c, ids=mb.ids, position=mb.position)
+        return c
+
+    def _rep_name(self, r: PerSampleGrads) -> str:
+        return self._module_name(r.owner) if isinstance(r.owner, nn.Module) else r.label
