@@ -138,10 +138,13 @@ class Progress:
                      f"ascending {100 * e['ascent']:.1f}%, coefficient ESS {100 * e['ess']:.1f}% of n")
         return line
 
+    def _direction_totals(self) -> dict[str, float]:
+        """The solve count and the direction statistics' sums so far (synced): epoch means are differences."""
+        return {k: float(self._counters[k]) for k in ["collect_steps", *(f"{k}_sum" for k in DIRECTION_STATS)]}
+
     def _epoch_direction(self) -> dict[str, float] | None:
         """Means of the direction statistics over this epoch's solves (None: it solved nothing)."""
-        keys = ["collect_steps", *(f"{k}_sum" for k in DIRECTION_STATS)]
-        now = {k: float(self._counters[k]) for k in keys}
+        now = self._direction_totals()
         start = self._epoch_start_direction
         solves = now["collect_steps"] - start.get("collect_steps", 0.0)
         if solves <= 0:
@@ -215,8 +218,7 @@ class Progress:
         if e is not None:
             self.damping_by_epoch[epoch] = e["damping"]
         self._epoch_start_counts = Counter(self.step_counts)
-        self._epoch_start_direction = {k: float(self._counters[k])
-                                       for k in ["collect_steps", *(f"{k}_sum" for k in DIRECTION_STATS)]}
+        self._epoch_start_direction = self._direction_totals()
         if not self.schedule.is_collect(epoch):
             return
         s = self.stats()
