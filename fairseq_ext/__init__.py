@@ -57,8 +57,8 @@ from omegaconf import II
 from fngd_plugin import FNGD, KFAC, OptionError
 from fngd_plugin.capture import live_modules
 from fngd_plugin.distributed import world_size
-from fngd_plugin.fngd import COEFFICIENT_MODES, REUSE_MODES, UPDATE_MODES
 from fngd_plugin.gram import DAMPING_MODES, NORMALIZE_MODES
+from fngd_plugin.options import COEFFICIENT_MODES, REUSE_MODES, UPDATE_MODES
 
 __all__ = ["FairseqFNGD", "FairseqKFAC", "find_fngd", "share_coefficients"]
 
